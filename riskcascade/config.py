@@ -1,0 +1,258 @@
+"""The one typed configuration for every riskcascade knob.
+
+Sources, highest priority first: keyword overrides, environment variables (prefix ``RISKCASCADE_``, nested
+keys joined by ``__``, e.g. ``RISKCASCADE_SERVER__PORT=50052``), a YAML file (``--config`` or
+``RISKCASCADE_CONFIG``), then the defaults below. Unknown keys and bad values fail at start-up with an error that
+names the key. Relative paths are resolved against the working directory at load time, so Ray replicas (which
+run elsewhere) receive absolute ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from riskcascade.domain import Action, EventType
+
+CONFIG_ENV_VAR = "RISKCASCADE_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="address the gRPC server binds")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    default_deadline_ms: float = Field(
+        2000.0, gt=0, description="deadline applied when a client sends none"
+    )
+    max_batch_items: int = Field(256, ge=1, description="largest DecideBatch accepted")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on stop")
+    ready_file: Path | None = Field(
+        None, description="file written with the bound port once the server is serving"
+    )
+
+
+class RaySettings(_Section):
+    address: str | None = Field(
+        None, description="Ray cluster address; empty starts a local Ray owned by this process"
+    )
+    namespace: str = Field("riskcascade", description="Ray namespace for our applications")
+    include_dashboard: bool = Field(True, description="start the Ray dashboard with a local Ray")
+    dashboard_port: int = Field(8265, description="dashboard port for a local Ray (serve status uses it)")
+    num_cpus: int | None = Field(None, description="CPUs a local Ray advertises; empty = all")
+    serve_config: Path = Field(
+        Path("deploy/serve.yaml"), description="Ray Serve config applied at start (serve deploy format)"
+    )
+    deploy_on_start: bool = Field(
+        True, description="apply serve_config at start; false attaches to apps already deployed"
+    )
+    throughput_optimized: bool = Field(
+        False, description="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the local cluster and this process"
+    )
+    scorer_app: str = Field("scorer", description="Serve application name of the fast scorer")
+    reasoner_app: str = Field("reasoner", description="Serve application name of the reasoner")
+    start_timeout_s: float = Field(180.0, gt=0, description="how long to wait for applications to run")
+
+
+class ModelSettings(_Section):
+    dir: Path = Field(Path("var/model"), description="folder with model.onnx, model.lgb.txt and model.json")
+    onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per scorer replica")
+    reason_count: int = Field(3, ge=0, description="reason codes the fast path returns")
+
+
+class DataSettings(_Section):
+    dir: Path = Field(Path("var/data"), description="generated training data (train/valid/test CSV)")
+    seed: int = Field(7, description="seed of the synthetic generator")
+    n_events: int = Field(60000, ge=1000, description="events the synthetic generator produces for train")
+
+
+class RetrievalSettings(_Section):
+    backend: Literal["edge", "qdrant"] = Field(
+        "edge", description="edge = Qdrant Edge in-process on disk; qdrant = qdrant-client (url or path)"
+    )
+    edge_path: Path = Field(Path("var/qdrant-edge"), description="Qdrant Edge shard folder")
+    qdrant_url: str | None = Field(None, description="Qdrant server URL for backend=qdrant")
+    qdrant_path: Path | None = Field(
+        None, description="qdrant-client local-mode folder for backend=qdrant without a url"
+    )
+    qdrant_api_key: str | None = Field(None, description="API key for a Qdrant server")
+    collection: str = Field("adjudicated_cases", description="collection of adjudicated cases")
+    top_k: int = Field(10, ge=1, le=100, description="similar cases retrieved per escalated event")
+    index_batch_size: int = Field(512, ge=1, description="points written per upsert by the index command")
+
+    @model_validator(mode="after")
+    def _qdrant_target(self) -> "RetrievalSettings":
+        if self.backend == "qdrant" and not (self.qdrant_url or self.qdrant_path):
+            raise ValueError("backend=qdrant needs qdrant_url or qdrant_path")
+        return self
+
+
+class EscalationSettings(_Section):
+    """When the fast score is not decisive enough and the reasoner is asked."""
+
+    band_low: float | None = Field(
+        None, ge=0, le=1, description="scores below approve; empty = the model card's threshold"
+    )
+    band_high: float | None = Field(
+        None, ge=0, le=1, description="scores at or above block; empty = the model card's threshold"
+    )
+    min_reasoner_budget_ms: float = Field(
+        50.0, ge=0, description="escalate only if at least this much of the deadline is left"
+    )
+    max_in_flight: int = Field(32, ge=0, description="escalations running at once; beyond it, no escalation")
+    policy_version: str = Field("cascade-policy-1", description="version stamped on decisions")
+
+
+class MergeSettings(_Section):
+    """How the fast score and the reasoner's verdict become one decision."""
+
+    fast_weight: float = Field(0.5, ge=0, le=1, description="weight of the fast score in the merged score")
+    min_reasoner_confidence: float = Field(
+        0.5, ge=0, le=1, description="a verdict below this confidence becomes REVIEW"
+    )
+    failure_action: dict[EventType, Action] = Field(
+        default_factory=lambda: {
+            EventType.ORDER: Action.APPROVE,
+            EventType.LOGIN: Action.APPROVE,
+            EventType.REVIEW: Action.APPROVE,
+            EventType.PROMO_REDEMPTION: Action.REVIEW,
+            EventType.PAYOUT: Action.REVIEW,
+            EventType.ACCOUNT_CHANGE: Action.REVIEW,
+        },
+        description="action when the fast model fails: fail open (APPROVE) or closed (REVIEW/BLOCK), per event type",
+    )
+    undecided_action: Action = Field(
+        Action.REVIEW, description="action for an uncertain case the reasoner could not decide"
+    )
+
+
+class ReasonerSettings(_Section):
+    """The embedded evidence-weighted reasoner (documented in services/reasoning/evidence_rule.py)."""
+
+    prior_weight: float = Field(
+        2.0, ge=0, description="pseudo-count the fast score weighs against retrieved cases"
+    )
+    block_at: float = Field(0.7, ge=0, le=1, description="posterior fraud share at or above which to BLOCK")
+    approve_at: float = Field(0.3, ge=0, le=1, description="posterior fraud share below which to APPROVE")
+    min_similarity: float = Field(0.0, ge=-1, le=1, description="cases less similar than this are ignored")
+    min_cases: int = Field(3, ge=0, description="fewer usable cases than this gives low confidence")
+    policy_version: str = Field("evidence-rule-1", description="version stamped on reasoner verdicts")
+
+
+class StoreSettings(_Section):
+    sqlite_path: Path = Field(Path("var/decisions.sqlite"), description="decision and feedback store")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite fsync level: FULL survives power loss, NORMAL only process crashes"
+    )
+    max_group_commit: int = Field(256, ge=1, description="writes committed together in one transaction")
+
+
+class TracingSettings(_Section):
+    exporter: Literal["otlp", "console", "none"] = Field("none", description="where spans go")
+    otlp_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP/gRPC collector endpoint")
+    service_name: str = Field("riskcascade", description="service.name prefix for every process")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of traces recorded")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RISKCASCADE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    ray: RaySettings = RaySettings()
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
+    escalation: EscalationSettings = EscalationSettings()
+    merge: MergeSettings = MergeSettings()
+    reasoner: ReasonerSettings = ReasonerSettings()
+    store: StoreSettings = StoreSettings()
+    tracing: TracingSettings = TracingSettings()
+
+    _yaml_data: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls, cls._yaml_data))
+
+    def resolved(self) -> "Settings":
+        """A copy with every relative path made absolute against the current working directory."""
+        return Settings.model_validate(_absolute_paths(self.model_dump()))
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON-safe dict, for passing to Ray Serve deployments as builder args."""
+        return self.model_dump(mode="json")
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _absolute_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _absolute_paths(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return value if value.is_absolute() else (Path.cwd() / value).resolve()
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load, validate and resolve settings; raises ConfigError naming the bad key."""
+    path = config_path or os.environ.get(CONFIG_ENV_VAR)
+    Settings._yaml_data = _read_yaml(Path(path)) if path else {}
+    try:
+        return Settings(**overrides).resolved()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    finally:
+        Settings._yaml_data = {}
+
+
+def settings_from_wire(data: dict[str, Any]) -> Settings:
+    """Rebuild settings passed to a Ray replica (already resolved; environment is not re-read)."""
+    return Settings.model_validate(data)

@@ -1,0 +1,175 @@
+"""Domain types shared by every part of riskcascade.
+
+This module imports nothing of ours and nothing of Ray, gRPC or LlamaIndex: protobuf messages are converted to
+and from these types only at the gRPC edge, and these are what crosses Ray Serve handles (plain dataclasses
+pickle cheaply).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class EventType(str, enum.Enum):
+    ORDER = "order"
+    LOGIN = "login"
+    PAYOUT = "payout"
+    REVIEW = "review"
+    PROMO_REDEMPTION = "promo_redemption"
+    ACCOUNT_CHANGE = "account_change"
+
+
+class Action(str, enum.Enum):
+    APPROVE = "approve"
+    REVIEW = "review"
+    BLOCK = "block"
+
+
+class Stage(str, enum.Enum):
+    FAST_MODEL = "fast_model"
+    REASONER = "reasoner"
+    FALLBACK = "fallback"
+
+
+class Outcome(str, enum.Enum):
+    LEGITIMATE = "legitimate"
+    FRAUD = "fraud"
+
+
+RISK_TYPES = ("account_takeover", "collusion", "promo_abuse", "brushing", "click_farm")
+"""Fraud patterns the synthetic generator produces and the policy knows about."""
+
+
+@dataclass(frozen=True)
+class Entities:
+    account_id: str
+    seller_id: str = ""
+    device_id: str = ""
+    ip: str = ""
+    payment_instrument_id: str = ""
+
+
+@dataclass(frozen=True)
+class RiskEvent:
+    """One event to decide, already validated."""
+
+    request_id: str
+    event_type: EventType
+    entities: Entities
+    features: dict[str, float]
+    text: dict[str, str] = field(default_factory=dict)
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReasonCode:
+    code: str
+    description: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Evidence:
+    id: str
+    kind: str
+    similarity: float
+    outcome: Outcome
+    risk_type: str = ""
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    stage: str
+    duration_ms: float
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """What the orchestrator sends the fast scorer for one event."""
+
+    request_id: str
+    features: dict[str, float]
+    trace_carrier: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FastScore:
+    """The fast model's answer for one event."""
+
+    score: float  # calibrated probability of fraud
+    raw_score: float  # the model's uncalibrated probability
+    reasons: tuple[ReasonCode, ...]
+    model_version: str
+    provider: str  # onnxruntime execution provider that ran the model
+
+
+@dataclass(frozen=True)
+class ReasoningRequest:
+    """An escalated case: the event, the fast model's view of it, and the time the reasoner may spend."""
+
+    event: RiskEvent
+    fast_score: FastScore
+    budget_ms: float
+    trace_carrier: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReasonerVerdict:
+    action: Action
+    score: float  # the reasoner's own estimate of fraud probability
+    confidence: float  # in [0, 1]
+    rationale: str
+    reasons: tuple[ReasonCode, ...]
+    evidence: tuple[Evidence, ...]
+    steps: tuple[str, ...]  # which reasoning steps ran, in order
+    policy_version: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    request_id: str
+    event_type: EventType
+    action: Action
+    risk_score: float
+    decided_by: Stage
+    escalated: bool
+    reasons: tuple[ReasonCode, ...]
+    evidence: tuple[Evidence, ...]
+    model_version: str
+    policy_version: str
+    timings: tuple[StageTiming, ...]
+    trace_id: str
+    degraded: bool
+    degraded_reason: str
+    decided_at: datetime
+    missing_features: tuple[str, ...] = ()
+    fast_score: float = 0.0
+    scorer_provider: str = ""
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Feedback:
+    feedback_id: str
+    request_id: str
+    outcome: Outcome
+    risk_type: str = ""
+    note: str = ""
+    recorded_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AdjudicatedCase:
+    """A past case with a known outcome: what the reasoner retrieves as evidence."""
+
+    case_id: str
+    event_type: EventType
+    features: dict[str, float]
+    outcome: Outcome
+    risk_type: str = ""
+    entities: Entities | None = None
+    occurred_at: datetime | None = None
+    summary: str = ""
