@@ -37,10 +37,14 @@ class ServerSettings(_Section):
         2000.0, gt=0, description="deadline applied when a client sends none"
     )
     max_batch_items: int = Field(256, ge=1, description="largest DecideBatch accepted")
+    reserve_ms: float = Field(
+        20.0, ge=0, description="time kept back from the deadline for merging, persisting and answering"
+    )
     shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on stop")
     ready_file: Path | None = Field(
         None, description="file written with the bound port once the server is serving"
     )
+    pid_file: Path = Field(Path("var/riskcascade.pid"), description="pid of the running platform, for `down`")
 
 
 class RaySettings(_Section):
@@ -69,6 +73,7 @@ class ModelSettings(_Section):
     dir: Path = Field(Path("var/model"), description="folder with model.onnx, model.lgb.txt and model.json")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per scorer replica")
     reason_count: int = Field(3, ge=0, description="reason codes the fast path returns")
+    prefer_gpu: bool = Field(True, description="use onnxruntime's CUDA provider when a probe finds a GPU")
 
 
 class DataSettings(_Section):

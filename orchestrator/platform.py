@@ -1,0 +1,222 @@
+"""Running the platform: Ray, the Serve applications, the cascade and the gRPC server, and stopping them.
+
+With no ``ray.address`` this process starts a local Ray (and its dashboard) that it owns: stopping the platform
+(Ctrl-C, SIGTERM or ``riskcascade down``) stops the gRPC server after in-flight calls finish, flushes the store
+and the traces, deletes our Serve applications and shuts that Ray down, so no process is left behind. With an
+address it attaches to that cluster and, on stop, leaves the cluster running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from riskcascade.config import Settings
+
+log = logging.getLogger("riskcascade.platform")
+
+THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+APP_POLL_S = 0.5
+INFO_TIMEOUT_S = 30.0
+
+
+class PlatformError(RuntimeError):
+    pass
+
+
+def serve_config_with_settings(settings: Settings) -> dict[str, Any]:
+    """deploy/serve.yaml with this process's resolved settings injected as every stage's builder args."""
+    path = settings.ray.serve_config
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise PlatformError(f"Ray Serve config not found: {path} (ray.serve_config)") from None
+    wire = settings.to_wire()
+    for app in config.get("applications", []):
+        app["args"] = {"settings": wire}
+    return config
+
+
+def _start_ray(settings: Settings) -> bool:
+    """Connect to or start Ray; True when this process started (and so owns) it."""
+    import ray
+
+    options: dict[str, Any] = {
+        "namespace": settings.ray.namespace,
+        "log_to_driver": False,
+        "configure_logging": True,
+        "logging_level": logging.WARNING,
+    }
+    if settings.ray.address:
+        ray.init(address=settings.ray.address, **options)
+        return False
+    ray.init(
+        include_dashboard=settings.ray.include_dashboard,
+        dashboard_port=settings.ray.dashboard_port,
+        num_cpus=settings.ray.num_cpus,
+        **options,
+    )
+    return True
+
+
+def _deploy(settings: Settings) -> None:
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    # The same two calls `serve deploy`/`serve run config.yaml` make, so the YAML is applied exactly as an
+    # operator's `serve deploy deploy/serve.yaml` would apply it.
+    config = ServeDeploySchema.model_validate(serve_config_with_settings(settings))
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+    )
+    client.deploy_apps(config, _blocking=False)
+
+
+async def _wait_running(apps: list[str], timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = serve.status().applications
+        states = {name: (statuses[name].status if name in statuses else "NOT_STARTED") for name in apps}
+        failed = {n: s for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed:
+            messages = "; ".join(f"{n}: {statuses[n].message}" for n in failed)
+            raise PlatformError(f"Ray Serve applications failed: {messages}")
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise PlatformError(f"Ray Serve applications not running after {timeout_s:.0f} s: {states}")
+        await asyncio.sleep(APP_POLL_S)
+
+
+async def run_platform(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM, then stop everything this process started."""
+    if settings.ray.throughput_optimized:
+        os.environ[THROUGHPUT_ENV] = "1"  # read by ray.serve at import, here and in the local cluster
+    from ray import serve  # noqa: F401 - imported after the environment is set
+
+    from orchestrator.cascade import Cascade, CascadeVersions
+    from orchestrator.merge import MergeRules
+    from orchestrator.policy import EscalationPolicy
+    from orchestrator.server import DecisionServer
+    from orchestrator.servicer import DecisionServicer
+    from orchestrator.stages import ServeReasonerStage, ServeScorerStage
+    from orchestrator.store import DecisionStore
+    from risk.v1 import decision_pb2 as pb
+    from riskcascade.telemetry import configure_tracing, shutdown_tracing
+
+    configure_tracing(settings.tracing, "orchestrator")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    owns_ray = False
+    server = None
+    store = None
+    try:
+        owns_ray = _start_ray(settings)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        apps = [settings.ray.scorer_app, settings.ray.reasoner_app]
+        if settings.ray.deploy_on_start:
+            _deploy(settings)
+        await _wait_running(apps, settings.ray.start_timeout_s)
+        scorer = ServeScorerStage(serve.get_app_handle(settings.ray.scorer_app))
+        reasoner = ServeReasonerStage(serve.get_app_handle(settings.ray.reasoner_app))
+        info = await scorer.info(INFO_TIMEOUT_S)
+        esc = settings.escalation
+        policy = EscalationPolicy(
+            band_low=esc.band_low if esc.band_low is not None else info.band_low,
+            band_high=esc.band_high if esc.band_high is not None else info.band_high,
+            min_reasoner_budget_ms=esc.min_reasoner_budget_ms,
+            max_in_flight=esc.max_in_flight,
+        )
+        m = settings.merge
+        cascade = Cascade(
+            scorer,
+            reasoner,
+            policy,
+            MergeRules(m.fast_weight, m.min_reasoner_confidence, dict(m.failure_action), m.undecided_action),
+            CascadeVersions(info.model_version, esc.policy_version, info.feature_names),
+            settings.server.reserve_ms,
+        )
+        store = DecisionStore(settings.store.sqlite_path, settings.store.synchronous, settings.store.max_group_commit)
+        service_info = pb.ServiceInfo(
+            model_version=info.model_version,
+            scorer_provider=info.provider,
+            scorer_provider_detail=info.provider_detail,
+            band_low=policy.band_low,
+            band_high=policy.band_high,
+            policy_version=esc.policy_version,
+            feature_names=list(info.feature_names),
+            retrieval_backend=settings.retrieval.backend,
+        )
+        servicer = DecisionServicer(cascade, store, info.feature_names, settings.server, service_info)
+        server = DecisionServer(servicer, settings.server.host, settings.server.port)
+        await server.start()
+        _write_state(settings, server.port, info, policy)
+        log.warning(
+            "riskcascade serving risk.v1.DecisionService on %s:%d | model %s on %s | band [%.3f, %.3f)%s",
+            settings.server.host, server.port, info.model_version, info.provider,
+            policy.band_low, policy.band_high,
+            f" | Ray dashboard http://127.0.0.1:{settings.ray.dashboard_port}" if owns_ray and settings.ray.include_dashboard else "",
+        )
+        await stop.wait()
+        log.warning("stopping riskcascade")
+    finally:
+        if server is not None:
+            await server.stop(settings.server.shutdown_grace_s)
+        if store is not None:
+            store.close()
+        _clear_state(settings)
+        _stop_ray(settings, owns_ray)
+        shutdown_tracing()
+
+
+def _stop_ray(settings: Settings, owns_ray: bool) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray import serve
+
+    if owns_ray:
+        serve.shutdown()
+    elif settings.ray.deploy_on_start:
+        for app in (settings.ray.scorer_app, settings.ray.reasoner_app):
+            serve.delete(app)
+    ray.shutdown()
+
+
+def _write_state(settings: Settings, port: int, info: Any, policy: Any) -> None:
+    state = {
+        "pid": os.getpid(),
+        "port": port,
+        "host": settings.server.host,
+        "model_version": info.model_version,
+        "provider": info.provider,
+        "provider_detail": info.provider_detail,
+        "band": [policy.band_low, policy.band_high],
+    }
+    settings.server.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.server.pid_file.write_text(str(os.getpid()))
+    if settings.server.ready_file is not None:
+        tmp = settings.server.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(settings.server.ready_file)
+
+
+def _clear_state(settings: Settings) -> None:
+    for path in (settings.server.pid_file, settings.server.ready_file):
+        if path is not None and path.exists():
+            path.unlink()

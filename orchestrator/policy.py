@@ -1,0 +1,61 @@
+"""The escalation policy: which events the reasoner sees. Plain logic, no Ray or gRPC.
+
+The fast model's calibrated score is compared with the escalation band [band_low, band_high):
+below it the event is approved, at or above it blocked, inside it escalated to the reasoner -- provided the
+escalation budget allows: enough of the caller's deadline left for the reasoner to do useful work, and fewer
+than ``max_in_flight`` escalations already running (the reasoner is the expensive stage; past its capacity we
+answer with the fallback rather than queue behind it and miss deadlines).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Route(str, enum.Enum):
+    APPROVE = "approve"  # score below the band
+    BLOCK = "block"  # score at or above the band
+    ESCALATE = "escalate"  # uncertain and the budget allows the reasoner
+    HOLD = "hold"  # uncertain, but no budget for the reasoner: the fallback decides
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    route: Route
+    reason: str
+
+
+@dataclass(frozen=True)
+class EscalationPolicy:
+    band_low: float
+    band_high: float
+    min_reasoner_budget_ms: float
+    max_in_flight: int
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.band_low <= self.band_high <= 1.0:
+            raise ValueError(
+                f"escalation band must satisfy 0 <= band_low <= band_high <= 1, "
+                f"got [{self.band_low}, {self.band_high})"
+            )
+
+    def route(self, score: float, remaining_ms: float, in_flight: int) -> RoutingDecision:
+        """Route one event given its calibrated score, the time left and escalations now running."""
+        if score < self.band_low:
+            return RoutingDecision(Route.APPROVE, f"score {score:.3f} below band [{self.band_low:.3f}, {self.band_high:.3f})")
+        if score >= self.band_high:
+            return RoutingDecision(Route.BLOCK, f"score {score:.3f} at or above {self.band_high:.3f}")
+        if remaining_ms < self.min_reasoner_budget_ms:
+            return RoutingDecision(
+                Route.HOLD,
+                f"uncertain score {score:.3f} but only {remaining_ms:.0f} ms of the deadline left "
+                f"(reasoner needs {self.min_reasoner_budget_ms:.0f} ms)",
+            )
+        if in_flight >= self.max_in_flight:
+            return RoutingDecision(
+                Route.HOLD,
+                f"uncertain score {score:.3f} but escalation budget exhausted "
+                f"({in_flight} of {self.max_in_flight} escalations running)",
+            )
+        return RoutingDecision(Route.ESCALATE, f"uncertain score {score:.3f} inside the band")

@@ -1,0 +1,56 @@
+"""Adapters from Ray Serve deployment handles to the cascade's stage protocols.
+
+Each call carries W3C trace context explicitly (Serve does not propagate ours), is bounded by the time the
+cascade allows, is cancelled on timeout, and turns any failure into a StageError naming the stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from ray.serve.handle import DeploymentHandle
+
+from orchestrator.cascade import StageError
+from riskcascade.domain import FastScore, ReasonerVerdict, ReasoningRequest, ScoreRequest
+from riskcascade.telemetry import inject_context, span
+from services.scorer.fast_model import ScorerInfo
+
+
+async def _call(stage: str, method, argument, timeout_s: float):
+    if timeout_s <= 0:
+        raise StageError(f"{stage}: no time left before the deadline")
+    response = method.remote(argument)
+    try:
+        return await asyncio.wait_for(response, timeout=timeout_s)
+    except asyncio.TimeoutError:
+        response.cancel()
+        raise StageError(f"{stage}: no answer within {timeout_s * 1000:.0f} ms") from None
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+    except Exception as exc:  # noqa: BLE001 - any replica/transport failure is a failed stage, said as such
+        raise StageError(f"{stage}: {type(exc).__name__}: {exc}") from exc
+
+
+class ServeScorerStage:
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+
+    async def score(self, request: ScoreRequest, timeout_s: float) -> FastScore:
+        with span("stage.fast_model", request_id=request.request_id):
+            request = dataclasses.replace(request, trace_carrier=inject_context())
+            return await _call("fast model", self._handle.score, request, timeout_s)
+
+    async def info(self, timeout_s: float) -> ScorerInfo:
+        return await asyncio.wait_for(self._handle.info.remote(), timeout=timeout_s)
+
+
+class ServeReasonerStage:
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+
+    async def reason(self, request: ReasoningRequest, timeout_s: float) -> ReasonerVerdict:
+        with span("stage.reasoner", request_id=request.event.request_id, budget_ms=request.budget_ms):
+            request = dataclasses.replace(request, trace_carrier=inject_context())
+            return await _call("reasoner", self._handle.reason, request, timeout_s)

@@ -1,0 +1,220 @@
+"""The decision and feedback store (embedded default: SQLite), durable before the caller is answered.
+
+Writes go through one writer thread that commits whatever is queued in a single transaction (group commit):
+each caller awaits its own write, so nothing is acknowledged before it is on disk, yet concurrent decisions
+share one fsync instead of paying one each. Reads use their own connection (WAL mode lets them run beside the
+writer).
+
+Idempotency: a decision row is keyed by request_id and carries a fingerprint of the request. Inserting a
+request_id that exists returns the stored row instead (the first writer wins), so concurrent retries across
+processes still agree on one decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    request_id   TEXT PRIMARY KEY,
+    fingerprint  TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    risk_score   REAL NOT NULL,
+    decided_by   TEXT NOT NULL,
+    event_type   TEXT NOT NULL,
+    degraded     INTEGER NOT NULL,
+    decided_at   TEXT NOT NULL,
+    payload      BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    feedback_id  TEXT PRIMARY KEY,
+    request_id   TEXT NOT NULL REFERENCES decisions(request_id),
+    outcome      TEXT NOT NULL,
+    risk_type    TEXT NOT NULL,
+    note         TEXT NOT NULL,
+    recorded_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_by_request ON feedback(request_id);
+"""
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    request_id: str
+    fingerprint: str
+    action: str
+    risk_score: float
+    decided_by: str
+    event_type: str
+    degraded: bool
+    decided_at: str
+    payload: bytes  # the serialized answer, returned as-is on replay
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    feedback_id: str
+    request_id: str
+    outcome: str
+    risk_type: str
+    note: str
+    recorded_at: str
+
+
+class StoreClosedError(RuntimeError):
+    pass
+
+
+class DecisionStore:
+    def __init__(self, path: Path, synchronous: str = "FULL", max_group_commit: int = 256):
+        self._path = Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
+        self._max_group = max_group_commit
+        self._writes: queue.Queue[Any] = queue.Queue()
+        self._reader = self._connect()
+        self._reader_lock = threading.Lock()
+        self._closed = False
+        writer = self._connect()
+        writer.executescript(_SCHEMA)
+        self._writer_thread = threading.Thread(
+            target=self._write_loop, args=(writer,), name="decision-store-writer", daemon=True
+        )
+        self._writer_thread.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    # -- writes ---------------------------------------------------------------------------------------------
+
+    async def put_decision(self, record: DecisionRecord) -> tuple[DecisionRecord, bool]:
+        """Persist ``record``; returns (stored record, inserted). Not inserted means the id already existed."""
+        return await self._submit(("decision", record))
+
+    async def put_feedback(self, record: FeedbackRecord) -> tuple[FeedbackRecord, bool]:
+        """Persist feedback; returns (stored record, inserted). Raises KeyError if the decision is unknown."""
+        return await self._submit(("feedback", record))
+
+    async def _submit(self, op: tuple[str, Any]) -> Any:
+        if self._closed:
+            raise StoreClosedError("decision store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._writes.put((op, loop, future))
+        return await future
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        while True:
+            item = self._writes.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self._max_group:
+                try:
+                    nxt = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._writes.put(None)
+                    break
+                batch.append(nxt)
+            self._commit(conn, batch)
+        conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for (kind, record), _, _ in batch:
+                try:
+                    results.append((True, self._apply(conn, kind, record)))
+                except KeyError as exc:
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [(False, exc)] * len(batch)
+        for (_, loop, future), (ok, value) in zip(batch, results):
+            loop.call_soon_threadsafe(_resolve, future, ok, value)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, kind: str, record: Any) -> tuple[Any, bool]:
+        if kind == "decision":
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO decisions VALUES (?,?,?,?,?,?,?,?,?)",
+                (record.request_id, record.fingerprint, record.action, record.risk_score, record.decided_by,
+                 record.event_type, int(record.degraded), record.decided_at, record.payload),
+            )
+            if cur.rowcount == 1:
+                return record, True
+            row = conn.execute("SELECT * FROM decisions WHERE request_id=?", (record.request_id,)).fetchone()
+            return _decision_from_row(row), False
+        exists = conn.execute("SELECT 1 FROM decisions WHERE request_id=?", (record.request_id,)).fetchone()
+        if exists is None:
+            raise KeyError(record.request_id)
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO feedback VALUES (?,?,?,?,?,?)",
+            (record.feedback_id, record.request_id, record.outcome, record.risk_type, record.note,
+             record.recorded_at),
+        )
+        if cur.rowcount == 1:
+            return record, True
+        row = conn.execute("SELECT * FROM feedback WHERE feedback_id=?", (record.feedback_id,)).fetchone()
+        return FeedbackRecord(*row), False
+
+    # -- reads ----------------------------------------------------------------------------------------------
+
+    def get_decision(self, request_id: str) -> DecisionRecord | None:
+        with self._reader_lock:
+            row = self._reader.execute("SELECT * FROM decisions WHERE request_id=?", (request_id,)).fetchone()
+        return _decision_from_row(row) if row else None
+
+    def feedback_for(self, request_id: str) -> list[FeedbackRecord]:
+        with self._reader_lock:
+            rows = self._reader.execute(
+                "SELECT * FROM feedback WHERE request_id=? ORDER BY recorded_at", (request_id,)
+            ).fetchall()
+        return [FeedbackRecord(*row) for row in rows]
+
+    def count_decisions(self) -> int:
+        with self._reader_lock:
+            return self._reader.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]
+
+    def close(self) -> None:
+        """Finish queued writes, then close. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writes.put(None)
+        self._writer_thread.join()
+        with self._reader_lock:
+            self._reader.close()
+
+
+def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.cancelled():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+def _decision_from_row(row: tuple) -> DecisionRecord:
+    return DecisionRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8])
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,156 @@
+"""Shared fixtures. The end-to-end ones start the real platform once per session: `riskcascade up` in a
+subprocess (it trains a small model, indexes it into Qdrant Edge, starts a local Ray, deploys the Serve
+applications and serves gRPC), exporting spans to a real OTLP receiver in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from tests.otlp_receiver import OtlpReceiver
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 420
+STOP_TIMEOUT_S = 90
+TEST_EVENTS = 8000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """All live descendant pids of ``pid`` (from /proc; no psutil here)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class RunningPlatform:
+    process: subprocess.Popen
+    config_path: Path
+    workdir: Path
+    port: int
+    dashboard_port: int
+    state: dict
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver():
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+def write_platform_config(workdir: Path, otlp_endpoint: str, **overrides) -> Path:
+    config = {
+        "server": {"host": "127.0.0.1", "port": free_port(), "ready_file": str(workdir / "ready.json"),
+                   "pid_file": str(workdir / "riskcascade.pid")},
+        "ray": {"dashboard_port": free_port(), "num_cpus": 2},
+        "model": {"dir": str(workdir / "model")},
+        "data": {"dir": str(workdir / "data"), "n_events": TEST_EVENTS, "seed": 11},
+        "retrieval": {"backend": "edge", "edge_path": str(workdir / "edge")},
+        "store": {"sqlite_path": str(workdir / "decisions.sqlite")},
+        "tracing": {"exporter": "otlp", "otlp_endpoint": otlp_endpoint},
+    }
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(values)
+    path = workdir / "riskcascade.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_platform(config_path: Path, workdir: Path) -> RunningPlatform:
+    config = yaml.safe_load(config_path.read_text())
+    ready = Path(config["server"]["ready_file"])
+    log_path = workdir / "platform.log"
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "riskcascade.cli", "up", "--config", str(config_path), "--quiet"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"platform did not start; log:\n{log_path.read_text()[-6000:]}")
+        time.sleep(0.5)
+    state = json.loads(ready.read_text())
+    return RunningPlatform(process, config_path, workdir, state["port"], config["ray"]["dashboard_port"], state, log_path)
+
+
+def stop_platform(platform: RunningPlatform) -> int:
+    platform.process.send_signal(signal.SIGTERM)
+    try:
+        return platform.process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        for pid in descendants(platform.process.pid):
+            os.kill(pid, signal.SIGKILL)
+        platform.process.kill()
+        raise
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory, otlp_receiver):
+    workdir = tmp_path_factory.mktemp("platform")
+    running = start_platform(write_platform_config(workdir, otlp_receiver.endpoint), workdir)
+    yield running
+    if running.process.poll() is None:
+        stop_platform(running)
+
+
+@pytest.fixture(scope="session")
+def channel(platform):
+    with grpc.insecure_channel(platform.target) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel):
+    from risk.v1 import decision_pb2_grpc
+
+    return decision_pb2_grpc.DecisionServiceStub(channel)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that stop the session's platform run after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_platform") is not None)
