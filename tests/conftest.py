@@ -154,3 +154,11 @@ def stub(channel):
 def pytest_collection_modifyitems(config, items):
     """Tests that stop the session's platform run after every other test."""
     items.sort(key=lambda item: item.get_closest_marker("stops_platform") is not None)
+
+
+def venv_tool(name: str) -> str | None:
+    """An executable installed into this interpreter's environment (its bin/ need not be on PATH)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)

