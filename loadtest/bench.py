@@ -36,6 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "loadtest" / "results"
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"  # off, as the platform runs it (orchestrator/platform.py)
 SERVICER_FUNCTION = "risk.v1.decision_pb2_grpc.add_DecisionServiceServicer_to_server"
 START_TIMEOUT_S = 300
 EVENTS_USED = 2000
@@ -94,11 +95,16 @@ def combined_serve_config(settings, grpc_port: int, band: list[float]) -> dict:
     config["http_options"] = {"host": "127.0.0.1", "port": free_port()}
     config["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
     config["applications"] += [
+        # Baselines reserve no CPU, so they never keep the platform's own replicas from being scheduled, and
+        # accept as many requests at once as the scorer does (Serve's default of 5 would queue them).
         {"name": "bench_echo", "route_prefix": "/bench-echo", "import_path": "loadtest.baselines:build_echo",
-         "args": {}},
+         "args": {}, "deployments": [{"name": "Echo", "max_ongoing_requests": 128,
+                                      "ray_actor_options": {"num_cpus": 0}}]},
         {"name": "bench_scorer_grpc", "route_prefix": "/bench-scorer-grpc",
          "import_path": "loadtest.baselines:build_scorer_grpc_ingress",
-         "args": {"scorer_app": settings.ray.scorer_app, "band_low": band[0], "band_high": band[1]}},
+         "args": {"scorer_app": settings.ray.scorer_app, "band_low": band[0], "band_high": band[1]},
+         "deployments": [{"name": "ScorerGrpcIngress", "max_ongoing_requests": 128,
+                          "ray_actor_options": {"num_cpus": 0}}]},
     ]
     return config
 
@@ -167,7 +173,7 @@ async def run_mode(args: argparse.Namespace, serve_mode: str) -> dict:
     await _wait_running([a.name for a in config.applications], START_TIMEOUT_S)
     config_path = workdir / "riskcascade.yaml"
     config_path.write_text(yaml.safe_dump(settings.to_wire()))
-    env = {**os.environ, THROUGHPUT_ENV: "1" if serve_mode == "throughput" else "0"}
+    env = {**os.environ, THROUGHPUT_ENV: "1" if serve_mode == "throughput" else "0", DIRECT_INGRESS_ENV: "0"}
     platform = subprocess.Popen(
         [sys.executable, "-m", "riskcascade.cli", "up", "--config", str(config_path), "--quiet"],
         cwd=REPO, env=env, stdout=(workdir / "platform.log").open("w"), stderr=subprocess.STDOUT,
@@ -206,7 +212,7 @@ async def run_mode(args: argparse.Namespace, serve_mode: str) -> dict:
         if platform.poll() is None:
             platform.send_signal(signal.SIGTERM)
             platform.wait(timeout=120)
-        serve.shutdown()
+        await serve.shutdown_async()
         ray.shutdown()
     return {"serve_mode": serve_mode, "data": data_info, "results": results}
 
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                "-c", str(args.concurrency), "--child-out", str(child_out)]
         if args.config:
             cmd += ["--config", args.config]
-        env = {**os.environ, THROUGHPUT_ENV: "1" if mode == "throughput" else "0"}
+        env = {**os.environ, THROUGHPUT_ENV: "1" if mode == "throughput" else "0", DIRECT_INGRESS_ENV: "0"}
         if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
             print(f"benchmark of mode {mode} failed", file=sys.stderr)
             return 1

@@ -24,6 +24,9 @@ from riskcascade.config import Settings
 log = logging.getLogger("riskcascade.platform")
 
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+# Throughput mode also opens an HTTP and a gRPC listener in every replica ("direct ingress") with a 30 s minimum
+# drain on shutdown. Our orchestrator is the only ingress and reaches replicas through handles, so it stays off.
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 APP_POLL_S = 0.5
 INFO_TIMEOUT_S = 30.0
 
@@ -97,7 +100,11 @@ async def _wait_running(apps: list[str], timeout_s: float) -> None:
         if all(s == "RUNNING" for s in states.values()):
             return
         if time.monotonic() > deadline:
-            raise PlatformError(f"Ray Serve applications not running after {timeout_s:.0f} s: {states}")
+            waiting = "; ".join(
+                f"{n}/{d}: {dep.message}" for n in apps if n in statuses
+                for d, dep in statuses[n].deployments.items() if dep.message
+            )
+            raise PlatformError(f"Ray Serve applications not running after {timeout_s:.0f} s: {states} {waiting}")
         await asyncio.sleep(APP_POLL_S)
 
 
@@ -105,6 +112,7 @@ async def run_platform(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, then stop everything this process started."""
     if settings.ray.throughput_optimized:
         os.environ[THROUGHPUT_ENV] = "1"  # read by ray.serve at import, here and in the local cluster
+        os.environ.setdefault(DIRECT_INGRESS_ENV, "0")
     from ray import serve  # noqa: F401 - imported after the environment is set
 
     from orchestrator.cascade import Cascade, CascadeVersions
@@ -179,11 +187,11 @@ async def run_platform(settings: Settings) -> None:
         if store is not None:
             store.close()
         _clear_state(settings)
-        _stop_ray(settings, owns_ray)
+        await _stop_ray(settings, owns_ray)
         shutdown_tracing()
 
 
-def _stop_ray(settings: Settings, owns_ray: bool) -> None:
+async def _stop_ray(settings: Settings, owns_ray: bool) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -191,7 +199,8 @@ def _stop_ray(settings: Settings, owns_ray: bool) -> None:
     from ray import serve
 
     if owns_ray:
-        serve.shutdown()
+        # the async form: a synchronous shutdown from inside a running event loop is only best effort
+        await serve.shutdown_async()
     elif settings.ray.deploy_on_start:
         for app in (settings.ray.scorer_app, settings.ray.reasoner_app):
             serve.delete(app)
