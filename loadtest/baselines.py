@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -18,6 +18,7 @@ from grpc_health.v1._async import HealthServicer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from loadtest.loadgen import run_bounded
 from risk.v1 import decision_pb2 as pb
 from riskcascade.domain import ScoreRequest
 
@@ -74,22 +75,12 @@ def build_scorer_grpc_ingress(args: dict[str, Any]) -> serve.Application:
 
 async def handle_round_trips(handle: DeploymentHandle, n: int, concurrency: int) -> list[float]:
     """Latencies (ms) of n trivial handle calls at the given concurrency, measured in this driver."""
-    import time
-
     latencies: list[float] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
 
-    async def worker() -> None:
-        while True:
-            try:
-                i = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            started = time.perf_counter()
-            await handle.remote(i)
-            latencies.append((time.perf_counter() - started) * 1000.0)
+    async def call(i: int) -> None:
+        started = time.perf_counter()
+        await handle.remote(i)
+        latencies.append((time.perf_counter() - started) * 1000.0)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await run_bounded(n, concurrency, call)
     return latencies

@@ -48,27 +48,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _event_request(e):
-    from risk.v1 import decision_pb2 as pb
-
-    types = {t.value: getattr(pb, f"EVENT_TYPE_{t.name}") for t in type(e.event_type)}
-    en = e.entities
-    return pb.DecideRequest(
-        request_id="template",
-        event=pb.Event(
-            type=types[e.event_type.value],
-            entities=pb.Entities(account_id=en.account_id, seller_id=en.seller_id, device_id=en.device_id,
-                                 ip=en.ip, payment_instrument_id=en.payment_instrument_id),
-            features={k: v for k, v in e.features.items() if v == v},
-            text={"note": e.note},
-        ),
-    )
-
-
 def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:
     """Held-out events as JSONL: all of them (mixed) and the clear ones only (fast path)."""
     from google.protobuf import json_format
 
+    from loadtest.events import decide_request
     from riskcascade.synthetic import read_events_csv
     from services.scorer.fast_model import FastModel
 
@@ -78,7 +62,7 @@ def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:
     low, high = model.info.band_low, model.info.band_high
     clear = (scores < low) | (scores >= high)
     mixed_path, clear_path = workdir / "events-mixed.jsonl", workdir / "events-clear.jsonl"
-    lines = [json_format.MessageToJson(_event_request(e), indent=None) for e in events]
+    lines = [json_format.MessageToJson(decide_request(e, "template"), indent=None) for e in events]
     mixed_path.write_text("\n".join(lines) + "\n")
     clear_path.write_text("\n".join(line for line, c in zip(lines, clear) if c) + "\n")
     return mixed_path, clear_path, {

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,23 @@ class LoadResult:
     degraded_share: float | None = None
     actions: dict[str, int] = field(default_factory=dict)
     stage_ms_p50: dict[str, float] = field(default_factory=dict)
+
+
+async def run_bounded(n: int, concurrency: int, call: Callable[[int], Awaitable[None]]) -> None:
+    """Run call(0) .. call(n-1) with at most ``concurrency`` in flight (closed-loop workers)."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await call(i)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
 def read_events(path: Path) -> list[pb.DecideRequest]:
@@ -115,22 +133,14 @@ async def run_load(
         for i in range(warmup):  # connection set-up and first-call costs stay out of the figures
             await one(i, record=False)
 
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(n):
-            queue.put_nowait(i)
         bar = tqdm(total=n, desc=label, unit="req", disable=not progress, leave=False)
 
-        async def worker() -> None:
-            while True:
-                try:
-                    i = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                await one(i, record=True)
-                bar.update(1)
+        async def measured(i: int) -> None:
+            await one(i, record=True)
+            bar.update(1)
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await run_bounded(n, concurrency, measured)
         seconds = time.perf_counter() - started
         bar.close()
 

@@ -13,6 +13,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from loadtest.events import decide_request
 from risk.v1 import decision_pb2 as pb
 from riskcascade.synthetic import LabelledEvent, read_events_csv
 from services.scorer.fast_model import FastModel
@@ -20,25 +21,8 @@ from tests.conftest import venv_tool
 
 pytestmark = pytest.mark.slow
 
-TYPES = {
-    "order": pb.EVENT_TYPE_ORDER, "login": pb.EVENT_TYPE_LOGIN, "payout": pb.EVENT_TYPE_PAYOUT,
-    "review": pb.EVENT_TYPE_REVIEW, "promo_redemption": pb.EVENT_TYPE_PROMO_REDEMPTION,
-    "account_change": pb.EVENT_TYPE_ACCOUNT_CHANGE,
-}
-
-
 def to_request(e: LabelledEvent, request_id: str | None = None) -> pb.DecideRequest:
-    en = e.entities
-    return pb.DecideRequest(
-        request_id=request_id or f"t-{uuid.uuid4().hex[:16]}",
-        event=pb.Event(
-            type=TYPES[e.event_type.value],
-            entities=pb.Entities(account_id=en.account_id, seller_id=en.seller_id, device_id=en.device_id,
-                                 ip=en.ip, payment_instrument_id=en.payment_instrument_id),
-            features={k: v for k, v in e.features.items() if v == v},
-            text={"note": e.note},
-        ),
-    )
+    return decide_request(e, request_id or f"t-{uuid.uuid4().hex[:16]}")
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +213,19 @@ def test_serve_status_lists_both_applications(platform):
     assert "scorer:" in out.stdout and "reasoner:" in out.stdout
     assert "FastScorer" in out.stdout and "Reasoner" in out.stdout
     assert out.stdout.count("RUNNING") >= 2
+
+
+def test_lone_requests_skip_the_batch_window_and_bursts_are_batched(stub, held_out, otlp_receiver):
+    lone = stub.Decide(to_request(held_out["clear"][7]), timeout=10).decision
+    burst_requests = [to_request(e) for e in held_out["clear"][8:40]]
+    futures = [stub.Decide.future(r, timeout=30) for r in burst_requests]
+    burst = [f.result().decision for f in futures]
+    trace_ids = {d.trace_id for d in burst} | {lone.trace_id}
+
+    def scored(spans):
+        return trace_ids <= {s.trace_id for s in spans if s.name == "scorer.score"}
+
+    spans = [s for s in otlp_receiver.wait_for(scored, timeout_s=60) if s.name == "scorer.score"]
+    by_trace = {s.trace_id: s for s in spans if s.trace_id in trace_ids}
+    assert by_trace[lone.trace_id].attributes["scorer.batched"] is False
+    assert any(by_trace[d.trace_id].attributes["scorer.batched"] for d in burst), "a burst should share batches"

@@ -1,12 +1,15 @@
 """Ray Serve deployment of the fast scorer: a thin shell around FastModel.
 
 Batching: concurrent requests are scored together through ``@serve.batch``; a request that arrives while the
-replica has nothing else in flight is scored at once instead of waiting out the batch window alone. Batch size
-and wait come from ``user_config`` in deploy/serve.yaml.
+replica has nothing else in flight is scored at once instead of waiting out the batch window alone. Each request
+yields to the event loop once on arrival, so requests that arrived together all register before any of them
+chooses its path (scoring is synchronous: without that yield each request would finish before the next one
+started, and nothing would ever batch). Batch size and wait come from ``user_config`` in deploy/serve.yaml.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray import serve
@@ -43,6 +46,7 @@ class FastScorer:
         self._in_flight += 1
         try:
             with span("scorer.score", carrier=request.trace_carrier, request_id=request.request_id) as current:
+                await asyncio.sleep(0)
                 lone = self._in_flight == 1
                 current.set_attribute("scorer.batched", not lone)
                 if lone:
