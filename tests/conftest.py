@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 420
 STOP_TIMEOUT_S = 90
 TEST_EVENTS = 8000
+RESERVE_MS = 300
 
 
 def free_port() -> int:
@@ -90,7 +91,11 @@ def write_platform_config(workdir: Path, otlp_endpoint: str, **overrides) -> Pat
         "retrieval": {"backend": "edge", "edge_path": str(workdir / "edge")},
         "store": {"sqlite_path": str(workdir / "decisions.sqlite")},
         "tracing": {"exporter": "otlp", "otlp_endpoint": otlp_endpoint},
+        # Generous time margins make the deadline paths deterministic on a slow machine: a call with less than
+        # 300 ms left never reaches a stage, and one with less than 1 s left after scoring is not escalated.
+        "escalation": {"min_reasoner_budget_ms": 1000},
     }
+    config["server"]["reserve_ms"] = RESERVE_MS
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)
     path = workdir / "riskcascade.yaml"

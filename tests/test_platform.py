@@ -13,7 +13,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from loadtest.events import decide_request
+from loadtest.events import EVENT_TYPES, decide_request
 from risk.v1 import decision_pb2 as pb
 from riskcascade.synthetic import LabelledEvent, read_events_csv
 from services.scorer.fast_model import FastModel
@@ -64,15 +64,25 @@ def test_uncertain_case_is_escalated_with_retrieved_evidence(stub, held_out):
 
 
 def test_no_time_for_the_reasoner_gives_a_degraded_review(stub, held_out):
-    # 30 ms is less than escalation.min_reasoner_budget_ms (50): the uncertain case cannot be escalated.
-    request = to_request(held_out["uncertain"][1])
-    try:
-        d = stub.Decide(request, timeout=0.03).decision
-    except grpc.RpcError as err:  # a slow shared machine may miss even the fast path; that is the other honest answer
-        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        return
+    # 0.6 s leaves the fast model its budget (reserve 300 ms) but less than escalation.min_reasoner_budget_ms (1 s)
+    d = stub.Decide(to_request(held_out["uncertain"][1]), timeout=0.6).decision
     assert d.action == pb.ACTION_REVIEW and d.degraded and not d.escalated
-    assert "deadline" in d.degraded_reason
+    assert d.decided_by == pb.STAGE_FALLBACK and "deadline" in d.degraded_reason
+    assert d.fast_score > 0 and d.reasons  # the fast model did score it
+
+
+@pytest.mark.parametrize("event_type, action", [("order", pb.ACTION_APPROVE), ("payout", pb.ACTION_REVIEW)])
+def test_fast_model_unavailable_follows_the_failure_policy(stub, held_out, event_type, action):
+    # 0.25 s is inside the 300 ms reserve: no time for the fast model, so the per-event-type failure policy
+    # decides (orders fail open, payouts fail closed) and says so.
+    request = to_request(held_out["clear"][0])
+    request.event.type = EVENT_TYPES[event_type]
+    d = stub.Decide(request, timeout=0.25).decision
+    assert d.action == action and d.degraded and d.decided_by == pb.STAGE_FALLBACK
+    assert "fast model failed" in d.degraded_reason and event_type in d.degraded_reason
+    assert d.reasons[0].code == "FAST_MODEL_UNAVAILABLE"
+    stored = stub.GetDecision(pb.GetDecisionRequest(request_id=request.request_id), timeout=10).decision
+    assert stored.degraded and stored.action == action  # fallbacks are persisted like any decision
 
 
 def bad_request_field(err: grpc.RpcError) -> str:
@@ -215,17 +225,14 @@ def test_serve_status_lists_both_applications(platform):
     assert out.stdout.count("RUNNING") >= 2
 
 
-def test_lone_requests_skip_the_batch_window_and_bursts_are_batched(stub, held_out, otlp_receiver):
+def test_a_lone_request_skips_the_batch_window(stub, held_out, otlp_receiver):
+    # Whether concurrent calls overlap inside the replica depends on Serve's delivery timing, so batching of
+    # bursts is shown by tests/test_arrivals.py and measured by the benchmark, not asserted here.
     lone = stub.Decide(to_request(held_out["clear"][7]), timeout=10).decision
-    burst_requests = [to_request(e) for e in held_out["clear"][8:40]]
-    futures = [stub.Decide.future(r, timeout=30) for r in burst_requests]
-    burst = [f.result().decision for f in futures]
-    trace_ids = {d.trace_id for d in burst} | {lone.trace_id}
 
     def scored(spans):
-        return trace_ids <= {s.trace_id for s in spans if s.name == "scorer.score"}
+        return any(s.name == "scorer.score" and s.trace_id == lone.trace_id for s in spans)
 
-    spans = [s for s in otlp_receiver.wait_for(scored, timeout_s=60) if s.name == "scorer.score"]
-    by_trace = {s.trace_id: s for s in spans if s.trace_id in trace_ids}
-    assert by_trace[lone.trace_id].attributes["scorer.batched"] is False
-    assert any(by_trace[d.trace_id].attributes["scorer.batched"] for d in burst), "a burst should share batches"
+    spans = otlp_receiver.wait_for(scored, timeout_s=60)
+    score = next(s for s in spans if s.name == "scorer.score" and s.trace_id == lone.trace_id)
+    assert score.attributes["scorer.batched"] is False, "a lone request waited for a batch"

@@ -1,15 +1,12 @@
 """Ray Serve deployment of the fast scorer: a thin shell around FastModel.
 
 Batching: concurrent requests are scored together through ``@serve.batch``; a request that arrives while the
-replica has nothing else in flight is scored at once instead of waiting out the batch window alone. Each request
-yields to the event loop once on arrival, so requests that arrived together all register before any of them
-chooses its path (scoring is synchronous: without that yield each request would finish before the next one
-started, and nothing would ever batch). Batch size and wait come from ``user_config`` in deploy/serve.yaml.
+replica has nothing else in flight is scored at once instead of waiting out the batch window alone (see
+ArrivalGate). Batch size and wait come from ``user_config`` in deploy/serve.yaml.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from ray import serve
@@ -17,6 +14,7 @@ from ray import serve
 from riskcascade.config import settings_from_wire
 from riskcascade.domain import FastScore, ScoreRequest
 from riskcascade.telemetry import configure_tracing, span
+from services.scorer.arrivals import ArrivalGate
 from services.scorer.fast_model import FastModel, ScorerInfo
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -34,7 +32,7 @@ class FastScorer:
             reason_count=config.model.reason_count,
             prefer_gpu=config.model.prefer_gpu,
         )
-        self._in_flight = 0
+        self._arrivals = ArrivalGate()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._score_batched.set_max_batch_size(int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
@@ -43,17 +41,12 @@ class FastScorer:
         )
 
     async def score(self, request: ScoreRequest) -> FastScore:
-        self._in_flight += 1
-        try:
-            with span("scorer.score", carrier=request.trace_carrier, request_id=request.request_id) as current:
-                await asyncio.sleep(0)
-                lone = self._in_flight == 1
+        with span("scorer.score", carrier=request.trace_carrier, request_id=request.request_id) as current:
+            async with self._arrivals.enter() as lone:
                 current.set_attribute("scorer.batched", not lone)
                 if lone:
                     return self._model.score_batch([request.features])[0]
                 return await self._score_batched(request.features)
-        finally:
-            self._in_flight -= 1
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _score_batched(self, rows: list[dict[str, float]]) -> list[FastScore]:
