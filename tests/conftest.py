@@ -103,7 +103,7 @@ def write_platform_config(workdir: Path, otlp_endpoint: str, **overrides) -> Pat
     return path
 
 
-def start_platform(config_path: Path, workdir: Path) -> RunningPlatform:
+def start_platform(config_path: Path, workdir: Path, new_session: bool = False) -> RunningPlatform:
     config = yaml.safe_load(config_path.read_text())
     ready = Path(config["server"]["ready_file"])
     log_path = workdir / "platform.log"
@@ -111,6 +111,7 @@ def start_platform(config_path: Path, workdir: Path) -> RunningPlatform:
     process = subprocess.Popen(
         [sys.executable, "-m", "riskcascade.cli", "up", "--config", str(config_path), "--quiet"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=new_session,  # its own process group, as a terminal's foreground job has
     )
     deadline = time.monotonic() + START_TIMEOUT_S
     while not ready.exists():
