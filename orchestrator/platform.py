@@ -174,8 +174,8 @@ async def run_platform(settings: Settings) -> None:
         await server.start()
         _write_state(settings, server.port, info, policy)
         log.warning(
-            "riskcascade serving risk.v1.DecisionService on %s:%d | model %s on %s | band [%.3f, %.3f)%s",
-            settings.server.host, server.port, info.model_version, info.provider,
+            "riskcascade serving risk.v1.DecisionService on %s:%d | model %s on %s (%s) | band [%.3f, %.3f)%s",
+            settings.server.host, server.port, info.model_version, info.provider, info.provider_detail,
             policy.band_low, policy.band_high,
             f" | Ray dashboard http://127.0.0.1:{settings.ray.dashboard_port}" if owns_ray and settings.ray.include_dashboard else "",
         )

@@ -182,13 +182,16 @@ def test_one_trace_spans_orchestrator_scorer_retrieval_and_reasoner(stub, held_o
     assert by_id[retrieval.parent_span_id].name == "reasoner.reason"
 
 
-def test_scorer_reports_cpu_provider_without_a_gpu(stub):
+def test_scorer_reports_cpu_provider_without_a_gpu(stub, platform):
     info = stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10)
     if info.scorer_provider == "CUDAExecutionProvider":
         pytest.skip("a usable GPU is present on this machine")
     assert info.scorer_provider == "CPUExecutionProvider"
     assert "libcuda" in info.scorer_provider_detail or "CUDA" in info.scorer_provider_detail
     assert info.band_low < info.band_high and info.feature_names and info.retrieval_backend == "edge"
+    log = platform.log_path.read_text()
+    assert f"CPUExecutionProvider ({info.scorer_provider_detail})" in log  # one clear line at start-up
+    assert "[E:onnxruntime" not in log  # and no onnxruntime ERROR about missing CUDA libraries
 
 
 def test_grpcurl_lists_and_calls_the_service_by_reflection(platform, held_out):
