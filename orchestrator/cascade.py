@@ -63,10 +63,6 @@ class Cascade:
         self._reserve_s = reserve_ms / 1000.0
         self.escalations_in_flight = 0
 
-    @property
-    def policy(self) -> EscalationPolicy:
-        return self._policy
-
     async def decide(self, event: RiskEvent, deadline: float) -> Decision:
         """Decide ``event``; ``deadline`` is the caller's deadline on the time.monotonic() clock."""
         started = time.monotonic()

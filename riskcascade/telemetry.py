@@ -59,10 +59,6 @@ def shutdown_tracing() -> None:
             _provider.shutdown()
 
 
-def flush_tracing(timeout_ms: int = 5000) -> bool:
-    return _provider.force_flush(timeout_ms) if _provider is not None else True
-
-
 def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 

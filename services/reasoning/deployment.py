@@ -35,9 +35,6 @@ class Reasoner:
             current.set_attribute("reasoner.action", verdict.action.value)
             return verdict
 
-    async def case_count(self) -> int:
-        return self._memory.count()
-
     def __del__(self) -> None:
         memory = getattr(self, "_memory", None)
         if memory is not None:
