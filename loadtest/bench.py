@@ -27,11 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from loadtest.loadgen import LoadResult, format_result, latency_figures
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "loadtest" / "results"
@@ -108,30 +111,22 @@ def run_loadgen(target: str, events: Path | None, n: int, c: int, label: str, ou
     return json.loads(out.read_text().strip().splitlines()[-1])
 
 
-def latency_summary(label: str, latencies: list[float], seconds: float, n: int, c: int) -> dict:
-    lat = np.asarray(latencies)
-    result = {
-        "label": label, "mode": "handle", "target": "serve handle (in-driver)", "requests": n, "concurrency": c,
-        "ok": len(latencies), "errors": {}, "seconds": round(seconds, 3),
-        "throughput_rps": round(len(latencies) / seconds, 1),
-        "latency_ms": {f"p{p}": round(float(np.percentile(lat, p)), 3) for p in (50, 95, 99)}
-        | {"mean": round(float(lat.mean()), 3)},
-    }
-    print(f"{label:<34} n={len(latencies):>5}/{n:<5} c={c:<3} p50 {result['latency_ms']['p50']:8.2f} ms  "
-          f"p95 {result['latency_ms']['p95']:8.2f} ms  p99 {result['latency_ms']['p99']:8.2f} ms  "
-          f"{result['throughput_rps']:8.1f} req/s", flush=True)
-    return result
+def handle_result(label: str, latencies: list[float], seconds: float, n: int, c: int) -> dict:
+    """Handle-call latencies measured in this driver, as the load generator reports its own runs."""
+    result = LoadResult(
+        label=label, mode="handle", target="serve handle (in-driver)", requests=n, concurrency=c,
+        ok=len(latencies), errors={}, seconds=round(seconds, 3),
+        throughput_rps=round(len(latencies) / seconds, 1), latency_ms=latency_figures(latencies),
+    )
+    print(format_result(result), flush=True)
+    return asdict(result)
 
 
 async def run_mode(args: argparse.Namespace, serve_mode: str) -> dict:
     import ray
     from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
-    from ray.serve.schema import ServeDeploySchema
-
     from loadtest.baselines import BareGrpcServer, handle_round_trips
-    from orchestrator.platform import _wait_running
+    from orchestrator.platform import deploy_serve_config, wait_running
     from riskcascade.config import load_settings
 
     base = load_settings(args.config)
@@ -148,13 +143,8 @@ async def run_mode(args: argparse.Namespace, serve_mode: str) -> dict:
         "tracing": {"exporter": "none"},
     }
     settings = load_settings(args.config, **{k: base.model_dump()[k] | v for k, v in overrides.items()})
-    config = ServeDeploySchema.model_validate(combined_serve_config(settings, grpc_proxy_port, data_info["band"]))
-    client = serve_api.serve_start(
-        http_options=config.http_options.model_dump(), proxy_location=config.proxy_location,
-        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
-    )
-    client.deploy_apps(config, _blocking=False)
-    await _wait_running([a.name for a in config.applications], START_TIMEOUT_S)
+    apps = deploy_serve_config(combined_serve_config(settings, grpc_proxy_port, data_info["band"]))
+    await wait_running(apps, START_TIMEOUT_S)
     config_path = workdir / "riskcascade.yaml"
     config_path.write_text(yaml.safe_dump(settings.to_wire()))
     env = {**os.environ, THROUGHPUT_ENV: "1" if serve_mode == "throughput" else "0", DIRECT_INGRESS_ENV: "0"}
@@ -182,7 +172,7 @@ async def run_mode(args: argparse.Namespace, serve_mode: str) -> dict:
                 f"127.0.0.1:{bare.port}", None, args.requests, c, f"bare grpc.aio (c={c})", out, mode="health")))
             started = time.perf_counter()
             lat = await handle_round_trips(echo, args.requests, c)
-            results.append(latency_summary(f"bare Serve handle call (c={c})", lat, time.perf_counter() - started,
+            results.append(handle_result(f"bare Serve handle call (c={c})", lat, time.perf_counter() - started,
                                            args.requests, c))
             results.append(run_loadgen(f"127.0.0.1:{grpc_proxy_port}", clear, args.requests, c,
                                        f"Serve gRPC proxy->scorer (c={c})", out,

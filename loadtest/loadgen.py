@@ -145,7 +145,6 @@ async def run_load(
         bar.close()
 
     ok = len(latencies)
-    lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
     return LoadResult(
         label=label,
         mode=mode,
@@ -156,13 +155,20 @@ async def run_load(
         errors=errors,
         seconds=round(seconds, 3),
         throughput_rps=round(ok / seconds, 1) if seconds > 0 else 0.0,
-        latency_ms={f"p{p}": round(float(np.percentile(lat, p)), 3) for p in PERCENTILES}
-        | {"mean": round(float(lat.mean()), 3)},
+        latency_ms=latency_figures(latencies),
         escalated_share=round(escalated / ok, 4) if mode == "decide" and ok else None,
         degraded_share=round(degraded / ok, 4) if mode == "decide" and ok else None,
         actions=actions,
         stage_ms_p50={k: round(float(np.percentile(v, 50)), 3) for k, v in stage_times.items()},
     )
+
+
+def latency_figures(latencies: list[float]) -> dict[str, float]:
+    """p50/p95/p99 and mean of latencies in ms (NaN when there are none)."""
+    lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
+    return {f"p{p}": round(float(np.percentile(lat, p)), 3) for p in PERCENTILES} | {
+        "mean": round(float(lat.mean()), 3)
+    }
 
 
 def format_result(r: LoadResult) -> str:

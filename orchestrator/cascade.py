@@ -69,13 +69,11 @@ class Cascade:
         timings: list[StageTiming] = []
         missing = tuple(name for name in self._versions.feature_names if name not in event.features)
         fast: FastScore | None = None
-        provider = ""
         t = time.monotonic()
         try:
             fast = await self._scorer.score(
                 ScoreRequest(event.request_id, event.features), self._budget_s(deadline)
             )
-            provider = fast.provider
         except StageError as exc:
             merged = fast_model_failed(self._rules, event.event_type, str(exc))
         timings.append(StageTiming("fast_model", _ms_since(t)))
@@ -93,7 +91,7 @@ class Cascade:
             timings.append(StageTiming("merge", _ms_since(t)))
 
         timings.append(StageTiming("cascade_total", _ms_since(started)))
-        return self._decision(event, merged, fast, provider, missing, timings)
+        return self._decision(event, merged, fast, missing, timings)
 
     async def _escalate(
         self, event: RiskEvent, fast: FastScore, deadline: float, timings: list[StageTiming]
@@ -120,7 +118,6 @@ class Cascade:
         event: RiskEvent,
         merged: MergedVerdict,
         fast: FastScore | None,
-        provider: str,
         missing: tuple[str, ...],
         timings: list[StageTiming],
     ) -> Decision:
@@ -145,7 +142,7 @@ class Cascade:
             decided_at=datetime.now(timezone.utc),
             missing_features=missing,
             fast_score=fast.score if fast else 0.0,
-            scorer_provider=provider,
+            scorer_provider=fast.provider if fast else "",
         )
 
 

@@ -70,23 +70,25 @@ def _start_ray(settings: Settings) -> bool:
     return True
 
 
-def _deploy(settings: Settings) -> None:
+def deploy_serve_config(config_dict: dict[str, Any]) -> list[str]:
+    """Apply a Serve config (the `serve deploy` format); returns its application names."""
     from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
     # The same two calls `serve deploy`/`serve run config.yaml` make, so the YAML is applied exactly as an
     # operator's `serve deploy deploy/serve.yaml` would apply it.
-    config = ServeDeploySchema.model_validate(serve_config_with_settings(settings))
+    config = ServeDeploySchema.model_validate(config_dict)
     client = serve_api.serve_start(
         http_options=config.http_options.model_dump(),
         proxy_location=config.proxy_location,
         grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
     )
     client.deploy_apps(config, _blocking=False)
+    return [app.name for app in config.applications]
 
 
-async def _wait_running(apps: list[str], timeout_s: float) -> None:
+async def wait_running(apps: list[str], timeout_s: float) -> None:
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
@@ -137,8 +139,8 @@ async def run_platform(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         apps = [settings.ray.scorer_app, settings.ray.reasoner_app]
         if settings.ray.deploy_on_start:
-            _deploy(settings)
-        await _wait_running(apps, settings.ray.start_timeout_s)
+            deploy_serve_config(serve_config_with_settings(settings))
+        await wait_running(apps, settings.ray.start_timeout_s)
         scorer = ServeScorerStage(serve.get_app_handle(settings.ray.scorer_app))
         reasoner = ServeReasonerStage(serve.get_app_handle(settings.ray.reasoner_app))
         info = await scorer.info(INFO_TIMEOUT_S)

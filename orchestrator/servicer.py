@@ -134,12 +134,12 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
 
     async def _decide(self, request: pb.DecideRequest, deadline: float, prefix: str = "") -> pb.Decision:
         event = to_risk_event(request, self._features, prefix)
-        print_ = fingerprint(request)
+        request_fingerprint = fingerprint(request)
         stored = self._store.get_decision(event.request_id)
         if stored is None and event.request_id in self._in_flight:
             stored = await asyncio.shield(self._in_flight[event.request_id])
         if stored is not None:
-            return _replay(stored, print_)
+            return _replay(stored, request_fingerprint)
 
         future: asyncio.Future[DecisionRecord] = asyncio.get_running_loop().create_future()
         self._in_flight[event.request_id] = future
@@ -148,7 +148,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             message = decision_to_proto(decision)
             record = DecisionRecord(
                 request_id=decision.request_id,
-                fingerprint=print_,
+                fingerprint=request_fingerprint,
                 action=decision.action.value,
                 risk_score=decision.risk_score,
                 decided_by=decision.decided_by.value,
@@ -162,7 +162,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             except (StoreClosedError, OSError) as exc:
                 raise ApiError(grpc.StatusCode.UNAVAILABLE, f"decision could not be persisted: {exc}") from exc
             future.set_result(stored)
-            return message if inserted else _replay(stored, print_)
+            return message if inserted else _replay(stored, request_fingerprint)
         except BaseException as exc:
             if not future.done():
                 future.set_exception(exc)
