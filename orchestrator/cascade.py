@@ -72,7 +72,8 @@ class Cascade:
         t = time.monotonic()
         try:
             fast = await self._scorer.score(
-                ScoreRequest(event.request_id, event.features), self._budget_s(deadline)
+                ScoreRequest.of(event.request_id, event.event_type, event.entities, event.features),
+                self._budget_s(deadline),
             )
         except StageError as exc:
             merged = fast_model_failed(self._rules, event.event_type, str(exc))

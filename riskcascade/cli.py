@@ -2,7 +2,9 @@
 
     riskcascade up       train and index if needed, then serve until Ctrl-C / SIGTERM / `riskcascade down`
     riskcascade down     stop a running platform cleanly
-    riskcascade train    generate the synthetic data set and train, calibrate and export the fast model
+    riskcascade train    train, calibrate and export the fast model (synthetic data by default)
+    riskcascade eval     train on each split of a data set and report quality (metrics, plots)
+    riskcascade data     write a built-in data set in the documented format
     riskcascade index    build the case memory (Qdrant) from the training data; idempotent
 """
 
@@ -44,27 +46,84 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
 
+dataset_option = click.option(
+    "--dataset", default="synthetic", show_default=True,
+    help="synthetic (generated), yelpchi (real, from the UGFraud package) or the path of a dataset.yaml",
+)
+
+
+def _open_dataset(settings: Settings, name: str, write_synthetic_csv: bool = False):  # noqa: ANN202
+    from riskcascade.datasets import open_dataset
+    from riskcascade.datasets.format import DatasetFormatError
+
+    try:
+        return open_dataset(name, settings, write_synthetic_csv=write_synthetic_csv)
+    except DatasetFormatError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command()
 @config_option
+@dataset_option
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def train(config: str | None, quiet: bool) -> None:
-    """Generate the synthetic data set, train the fast model, calibrate it and export it to ONNX."""
+def train(config: str | None, dataset: str, quiet: bool) -> None:
+    """Train the fast model, calibrate it, choose its band and export it to ONNX (into model.dir)."""
     settings = _settings(config)
-    _train(settings, progress=not quiet)
+    _train(settings, progress=not quiet, dataset=dataset)
 
 
-def _train(settings: Settings, progress: bool) -> None:
+def _train(settings: Settings, progress: bool, dataset: str = "synthetic") -> None:
     from riskcascade.training import train_model
 
     started = time.monotonic()
-    card = train_model(settings, progress=progress)
+    data, source = _open_dataset(settings, dataset, write_synthetic_csv=dataset == "synthetic")
+    card = train_model(settings, data, progress=progress, data=source)
     m = card.metrics
     click.echo(
-        f"trained {card.version} in {time.monotonic() - started:.1f} s -> {settings.model.dir}\n"
-        f"  test ROC-AUC {m.get('roc_auc', float('nan')):.4f}  AP {m.get('average_precision', float('nan')):.4f}  "
+        f"trained {card.version} on {data.spec.name} in {time.monotonic() - started:.1f} s -> {settings.model.dir}\n"
+        f"  test ROC-AUC {m['roc_auc']:.4f}  AP {m['average_precision']:.4f}  "
+        f"recall@1%FPR {m['recall_at_1pct_fpr']:.3f}  ECE {m['ece']:.4f}  "
         f"ONNX parity max |diff| {card.onnx.parity_max_abs_diff:.2e}\n"
-        f"  escalation band [{card.thresholds.band_low:.4f}, {card.thresholds.band_high:.4f})"
+        f"  escalation band [{card.thresholds.band_low:.4f}, {card.thresholds.band_high:.4f}) by {card.thresholds.rule}"
+        f" rule: {m['escalation_share']:.1%} of test events"
     )
+
+
+@main.command(name="eval")
+@config_option
+@dataset_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="report folder (default: var/eval/<data set>)")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="stratified splits to draw when the data set has no fixed splits")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def evaluate(config: str | None, dataset: str, out_dir: str | None, repeats: int, quiet: bool) -> None:
+    """Train on each split of a data set; report ROC-AUC, AP, recall at 1%/5% FPR, calibration, and PNG plots."""
+    from riskcascade.evaluate_model import run_evaluation
+
+    settings = _settings(config)
+    data, _ = _open_dataset(settings, dataset)
+    out = Path(out_dir) if out_dir else Path("var/eval") / data.spec.name
+    started = time.monotonic()
+    result = run_evaluation(data, settings, out, repeats=repeats, progress=not quiet)
+    click.echo(result.report)
+    click.echo(f"\n{len(result.per_split)} split(s) in {time.monotonic() - started:.1f} s; wrote "
+               + ", ".join(str(f) for f in result.files))
+
+
+@main.command()
+@config_option
+@click.argument("name", type=click.Choice(["synthetic", "yelpchi"]))
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--format", "table_format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True)
+def data(config: str | None, name: str, folder: str, table_format: str) -> None:
+    """Write a built-in data set in the documented format (table + dataset.yaml) into FOLDER."""
+    from riskcascade.datasets.format import write_dataset
+
+    settings = _settings(config)
+    dataset, _ = _open_dataset(settings, name)
+    path = write_dataset(dataset, folder, table_name=f"table.{table_format}")
+    click.echo(f"wrote {len(dataset)} rows of {name} to {path}")
 
 
 @main.command()

@@ -84,6 +84,38 @@ class DataSettings(_Section):
     n_events: int = Field(60000, ge=1000, description="events the synthetic generator produces for train")
 
 
+class CostSettings(_Section):
+    """What one decision costs, for the cost rule of the escalation band (only the ratios matter)."""
+
+    missed_fraud: float = Field(20.0, gt=0, description="approving one fraudulent event")
+    wrong_block: float = Field(10.0, gt=0, description="blocking one legitimate event")
+    review: float = Field(1.0, gt=0, description="escalating one event to the reasoner")
+
+
+class TrainingSettings(_Section):
+    """How the fast model is trained and its escalation band chosen (riskcascade/training.py)."""
+
+    learning_rate: float = Field(0.08, gt=0, le=1, description="LightGBM learning rate")
+    num_leaves: int = Field(63, ge=2, description="LightGBM leaves per tree")
+    min_data_in_leaf: int = Field(20, ge=1, description="LightGBM minimum rows per leaf")
+    feature_fraction: float = Field(0.7, gt=0, le=1, description="share of features each tree sees")
+    max_boost_rounds: int = Field(2000, ge=1, description="upper bound on trees; early stopping picks fewer")
+    early_stopping_rounds: int = Field(50, ge=1, description="rounds without validation gain before stopping")
+    missing_value_share: float = Field(
+        0.02, ge=0, lt=1, description="training cells blanked so every feature learns where missing values go"
+    )
+    graph_features: bool = Field(True, description="add neighbour aggregates over the data set's links")
+    anomaly_trees: int = Field(100, ge=0, description="isolation-forest trees of the anomaly feature; 0 = none")
+    band_rule: Literal["share", "cost"] = Field(
+        "share", description="choose the escalation band from a target share of traffic or from costs"
+    )
+    target_escalation_share: float = Field(0.12, gt=0, lt=1, description="share rule: validation share escalated")
+    costs: CostSettings = CostSettings()
+    valid_share: float = Field(0.15, gt=0, lt=1, description="stratified split when a data set has none: valid")
+    test_share: float = Field(0.15, gt=0, lt=1, description="stratified split when a data set has none: test")
+    threads: int = Field(2, ge=1, description="LightGBM training threads")
+
+
 class RetrievalSettings(_Section):
     backend: Literal["edge", "qdrant"] = Field(
         "edge", description="edge = Qdrant Edge in-process on disk; qdrant = qdrant-client (url or path)"
@@ -184,6 +216,7 @@ class Settings(BaseSettings):
     ray: RaySettings = RaySettings()
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
+    training: TrainingSettings = TrainingSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     escalation: EscalationSettings = EscalationSettings()
     merge: MergeSettings = MergeSettings()

@@ -8,7 +8,7 @@ pickle cheaply).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 
@@ -86,13 +86,29 @@ class StageTiming:
     duration_ms: float
 
 
+EVENT_TYPE_ATTRIBUTE = "event_type"  # the categorical attribute every event carries
+
+
 @dataclass(frozen=True)
 class ScoreRequest:
     """What the orchestrator sends the fast scorer for one event."""
 
     request_id: str
     features: dict[str, float]
+    entities: dict[str, str] = field(default_factory=dict)  # Entities field name -> id, for graph features
+    attributes: dict[str, str] = field(default_factory=dict)  # categorical features, e.g. event_type
     trace_carrier: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, request_id: str, event_type: "EventType", entities: Entities, features: dict[str, float],
+           trace_carrier: dict[str, str] | None = None) -> "ScoreRequest":
+        return cls(
+            request_id=request_id,
+            features=features,
+            entities={name: value for name, value in asdict(entities).items() if value},
+            attributes={EVENT_TYPE_ATTRIBUTE: event_type.value},
+            trace_carrier=trace_carrier or {},
+        )
 
 
 @dataclass(frozen=True)

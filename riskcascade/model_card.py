@@ -28,7 +28,9 @@ class Thresholds(BaseModel):
 
     band_low: float = Field(ge=0, le=1)
     band_high: float = Field(ge=0, le=1)
+    rule: str = "share"  # "share": target_escalation_share of validation; "cost": least cost under ``costs``
     target_escalation_share: float = Field(ge=0, le=1)
+    costs: dict[str, float] = Field(default_factory=dict)
     chosen_on: str = "validation"
 
 
@@ -40,7 +42,7 @@ class OnnxSpec(BaseModel):
 
 
 class FeatureScaling(BaseModel):
-    """Training mean and standard deviation per feature (in feature order), for behaviour vectors."""
+    """Training mean and standard deviation per input feature (feature_names order), for behaviour vectors."""
 
     mean: list[float]
     std: list[float]
@@ -51,8 +53,12 @@ class ModelCard(BaseModel):
 
     version: str
     created_at: str
-    feature_names: list[str]
-    feature_descriptions: dict[str, str]
+    feature_names: list[str]  # numeric features callers send (the request's features map)
+    feature_descriptions: dict[str, str]  # plain words for every model feature (reason codes)
+    model_features: list[str] = Field(default_factory=list)  # every ONNX input column, in order
+    categorical_features: dict[str, list[str]] = Field(default_factory=dict)  # name -> vocabulary
+    links: list[str] = Field(default_factory=list)  # entity columns the graph features aggregate over
+    anomaly: dict[str, Any] | None = None  # the isolation-forest feature: file, feature name, parity
     calibration: CalibrationSpec
     thresholds: Thresholds
     onnx: OnnxSpec

@@ -302,9 +302,9 @@ def split_events(
 
 # --- CSV -----------------------------------------------------------------------------------------------------
 
-_ENTITY_COLUMNS = ("account_id", "seller_id", "device_id", "ip", "payment_instrument_id")
+ENTITY_COLUMNS = ("account_id", "seller_id", "device_id", "ip", "payment_instrument_id")
 CSV_COLUMNS: tuple[str, ...] = (
-    ("case_id", "event_type", *_ENTITY_COLUMNS, "occurred_at", *FEATURE_NAMES, "note", "label", "risk_type")
+    ("case_id", "event_type", *ENTITY_COLUMNS, "occurred_at", *FEATURE_NAMES, "note", "label", "risk_type")
 )
 
 
@@ -320,7 +320,7 @@ def write_events_csv(path: str | Path, events: Iterable[LabelledEvent]) -> Path:
                 [
                     e.case_id,
                     e.event_type.value,
-                    *(getattr(e.entities, c) for c in _ENTITY_COLUMNS),
+                    *(getattr(e.entities, c) for c in ENTITY_COLUMNS),
                     e.occurred_at.isoformat(),
                     *(repr(float(e.features[name])) for name in FEATURE_NAMES),
                     e.note,
@@ -388,7 +388,7 @@ def _parse_row(row: dict[str, str]) -> LabelledEvent:
         event_type=_parse_cell(row, "event_type", EventType),
         entities=Entities(
             account_id=_parse_cell(row, "account_id", _required_text),
-            **{c: row[c] for c in _ENTITY_COLUMNS if c != "account_id"},
+            **{c: row[c] for c in ENTITY_COLUMNS if c != "account_id"},
         ),
         features={name: _parse_cell(row, name, _feature_value) for name in FEATURE_NAMES},
         note=row["note"],

@@ -1,17 +1,21 @@
-"""Train the fast model: LightGBM on synthetic events, Platt calibration, escalation band, ONNX export, model card.
+"""Train the fast model on any data set in the documented format: graph features, anomaly score, LightGBM, ONNX.
 
 The order matters and is the contract with the scorer:
 
-1. LightGBM learns on the training split (early stopping on validation). A small share of training cells is
-   blanked to NaN first (``MISSING_VALUE_SHARE``) so that every feature learns where missing values go: the
-   scorer sends NaN for any feature a request lacks, and for a feature never seen missing in training
+1. ``FeatureLayout.fit``: raw numeric features, categorical codes (vocabulary from the training split) and graph
+   neighbour aggregates over the data set's links (``riskcascade.graph_features``).
+2. The hybrid feature: an isolation forest fitted on the training split, exported to ONNX, and evaluated *by
+   ONNX* for every row (``riskcascade.anomaly``), appended as the last column.
+3. LightGBM learns on the training split with early stopping on validation. A small share of training cells is
+   blanked to NaN first (``training.missing_value_share``) so that every feature learns where missing values go:
+   the scorer sends NaN for any feature a request lacks, and for a feature never seen missing in training
    LightGBM reads NaN as 0, so a missing account_age_days would look like a brand-new account.
-2. Platt calibration is fitted on validation raw probabilities; the escalation band is chosen on validation
-   calibrated scores (rule in ``choose_escalation_band``).
-3. The booster is converted to ONNX and ``check_onnx_parity`` compares onnxruntime with LightGBM on the test
+4. Platt calibration on validation raw probabilities; the escalation band on validation calibrated scores, by a
+   target share of traffic or by the costs of mistakes (``riskcascade.thresholds``).
+5. The booster is converted to ONNX and ``check_onnx_parity`` compares onnxruntime with LightGBM on the test
    set plus rows with missing values. A difference above ``PARITY_TOLERANCE`` raises and nothing is written:
    the scorer serves ONNX but explains with the LightGBM booster, so the two must be the same model.
-4. Test metrics, then model.onnx, model.lgb.txt and the model card, the card last.
+6. Test metrics; then (``write_model``) the ONNX models, booster, feature layout and the model card, card last.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
@@ -32,12 +37,24 @@ import numpy as np  # noqa: E402
 import onnxmltools  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnxmltools.convert.common.data_types import FloatTensorType  # noqa: E402
-from sklearn.metrics import average_precision_score, log_loss, roc_auc_score  # noqa: E402
+from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from riskcascade.anomaly import (  # noqa: E402
+    ANOMALY_DESCRIPTION,
+    ANOMALY_FEATURE,
+    ANOMALY_FILE,
+    AnomalyScorer,
+    export_anomaly_onnx,
+    fit_anomaly_model,
+    sklearn_parity,
+)
 from riskcascade.calibration import PlattCalibrator  # noqa: E402
-from riskcascade.config import Settings  # noqa: E402
-from riskcascade.domain import RISK_TYPES  # noqa: E402
+from riskcascade.config import Settings, TrainingSettings  # noqa: E402
+from riskcascade.datasets.format import SPLIT_NAMES, Dataset  # noqa: E402
+from riskcascade.datasets.splits import stratified_split  # noqa: E402
+from riskcascade.evaluation import split_metrics  # noqa: E402
+from riskcascade.features import FeatureLayout  # noqa: E402
 from riskcascade.model_card import (  # noqa: E402
     BOOSTER_FILE,
     ONNX_FILE,
@@ -48,80 +65,28 @@ from riskcascade.model_card import (  # noqa: E402
     Thresholds,
     write_model_card,
 )
-from riskcascade.model_metrics import expected_calibration_error, recall_at_fpr, threshold_at_fpr  # noqa: E402
-from riskcascade.synthetic import (  # noqa: E402
-    FEATURE_DESCRIPTIONS,
-    FEATURE_NAMES,
-    LabelledEvent,
-    generate_events,
-    split_events,
-    write_events_csv,
-)
+from riskcascade.model_metrics import expected_calibration_error  # noqa: E402
+from riskcascade.thresholds import BandCosts, assess_band, band_by_cost, band_by_share  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-TARGET_ESCALATION_SHARE = 0.12  # share of validation events the band should send to the reasoner
-BAND_CENTRE = 0.5  # the band is centred on the least decisive calibrated score
-MAX_BOOST_ROUNDS = 400
-EARLY_STOPPING_ROUNDS = 30
-LIGHTGBM_PARAMS: dict[str, Any] = {
+LIGHTGBM_FIXED_PARAMS: dict[str, Any] = {
     "objective": "binary",
-    "metric": "binary_logloss",
-    "learning_rate": 0.08,
-    "num_leaves": 31,
-    "min_data_in_leaf": 40,
-    "feature_fraction": 0.9,
+    "metric": "auc",  # early stopping on ranking quality; calibration is Platt's job
     "bagging_fraction": 0.8,
     "bagging_freq": 1,
     "lambda_l2": 1.0,
-    "num_threads": 2,
     "deterministic": True,
     "force_row_wise": True,  # with deterministic, same data and seed give the same trees
     "verbose": -1,
 }
-MISSING_VALUE_SHARE = 0.02  # training cells blanked to NaN so every feature learns a missing-value branch
 ONNX_INPUT = "features"
 ONNX_OUTPUT = "probabilities"  # [N, 2]: P(legitimate), P(fraud)
 ONNX_TARGET_OPSET = 15  # highest default-domain opset onnxmltools 1.16 converts LightGBM for
 PARITY_TOLERANCE = 1e-5  # max |P_onnx - P_lightgbm|
 PARITY_MISSING_ROWS = 256  # test rows copied with holes, so parity also covers the NaN branches
 PARITY_MISSING_CELL_SHARE = 0.2
-RECALL_AT_FPR = {"recall_at_1pct_fpr": 0.01, "recall_at_5pct_fpr": 0.05}  # metric name -> false-positive rate
-RISK_TYPE_RECALL_FPR = 0.01  # per-risk-type recall is reported at this false-positive rate
 STD_FLOOR = 1e-6
-SPLIT_FILES = {"train": "train.csv", "valid": "valid.csv", "test": "test.csv"}
-GENERATOR = "riskcascade.synthetic.generate_events"
-
-
-def feature_matrix(events: Iterable[LabelledEvent]) -> np.ndarray:
-    """Events as a float32 [N, F] matrix in FEATURE_NAMES order (the ONNX input type)."""
-    return np.array([[e.features[name] for name in FEATURE_NAMES] for e in events], dtype=np.float32)
-
-
-def label_vector(events: Iterable[LabelledEvent]) -> np.ndarray:
-    return np.array([e.label for e in events], dtype=np.int64)
-
-
-def choose_escalation_band(
-    scores: np.ndarray, target_share: float = TARGET_ESCALATION_SHARE, centre: float = BAND_CENTRE
-) -> tuple[float, float]:
-    """The narrowest band [low, high) symmetric about ``centre`` holding ``target_share`` of ``scores``.
-
-    The events escalated are exactly the ``target_share`` whose calibrated score is closest to ``centre``: the
-    least decisive ones, whichever side they fall. Symmetry in score (rather than in rank) matters on skewed
-    data: with 10% fraud most scores sit near 0, and a rank-centred band would reach up into confident blocks
-    while leaving out scores of 0.3. The edge is put halfway between the last event inside and the first
-    outside, so a re-run on the same scores gives the same share.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if not 0 < target_share < 1:
-        raise ValueError(f"target_share must be in (0, 1), got {target_share}")
-    distance = np.sort(np.abs(scores - centre))
-    inside = max(1, round(target_share * len(scores)))
-    if inside >= len(scores):
-        return 0.0, 1.0
-    half_width = (distance[inside - 1] + distance[inside]) / 2
-    return float(max(0.0, centre - half_width)), float(min(1.0, centre + half_width))
 
 
 def snap_thresholds_to_float32(model_text: str) -> str:
@@ -157,8 +122,8 @@ def _float32_at_or_below(value: float) -> str:
     return repr(float(rounded))
 
 
-def export_onnx(booster: lgb.Booster, path: Path, n_features: int) -> int:
-    """Convert the booster to ONNX at ``path``; returns the default-domain opset the model uses."""
+def export_onnx(booster: lgb.Booster, n_features: int) -> tuple[bytes, int]:
+    """The booster as an ONNX model, and the default-domain opset it uses."""
     model = onnxmltools.convert_lightgbm(
         booster,
         initial_types=[(ONNX_INPUT, FloatTensorType([None, n_features]))],
@@ -168,24 +133,25 @@ def export_onnx(booster: lgb.Booster, path: Path, n_features: int) -> int:
     outputs = [o.name for o in model.graph.output]
     if ONNX_OUTPUT not in outputs:
         raise RuntimeError(f"ONNX conversion produced outputs {outputs}, none named {ONNX_OUTPUT!r}")
-    path.write_bytes(model.SerializeToString())
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return model.SerializeToString(), next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _cpu_session(onnx_path: Path) -> ort.InferenceSession:
+def _cpu_session(onnx_model: bytes | Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def check_onnx_parity(
-    onnx_path: str | Path, booster: lgb.Booster, x: np.ndarray, tolerance: float = PARITY_TOLERANCE
+    onnx_model: bytes | str | Path, booster: lgb.Booster, x: np.ndarray, tolerance: float = PARITY_TOLERANCE
 ) -> float:
     """Max |P(fraud) by onnxruntime - P(fraud) by LightGBM| over rows ``x``; RuntimeError above ``tolerance``."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    onnx_fraud = _cpu_session(Path(onnx_path)).run([ONNX_OUTPUT], {ONNX_INPUT: x})[0][:, 1]
-    native_fraud = booster.predict(x, num_threads=LIGHTGBM_PARAMS["num_threads"])
+    session = _cpu_session(onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model))
+    onnx_fraud = session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0][:, 1]
+    native_fraud = booster.predict(x, num_threads=1)
     diff = float(np.max(np.abs(onnx_fraud.astype(np.float64) - native_fraud)))
     if not diff <= tolerance:  # also catches NaN
         raise RuntimeError(
@@ -201,63 +167,10 @@ def with_missing_values(x: np.ndarray, share: float, rng: np.random.Generator) -
     return out
 
 
-def _test_metrics(
-    raw: np.ndarray, calibrated: np.ndarray, y: np.ndarray, risk_types: np.ndarray, band: tuple[float, float]
-) -> dict[str, Any]:
-    in_band = (calibrated >= band[0]) & (calibrated < band[1])
-    blocked = calibrated >= band[1]
-    approved = calibrated < band[0]
-    risk_type_threshold = threshold_at_fpr(calibrated, y, RISK_TYPE_RECALL_FPR)
-    metrics: dict[str, Any] = {
-        "split": "test",
-        "n": int(len(y)),
-        "fraud_rate": float(y.mean()),
-        "roc_auc": float(roc_auc_score(y, calibrated)),
-        "average_precision": float(average_precision_score(y, calibrated)),
-        **{name: recall_at_fpr(calibrated, y, fpr) for name, fpr in RECALL_AT_FPR.items()},
-        "log_loss_raw": float(log_loss(y, raw, labels=[0, 1])),
-        "log_loss_calibrated": float(log_loss(y, calibrated, labels=[0, 1])),
-        "ece_raw": expected_calibration_error(raw, y),
-        "ece_calibrated": expected_calibration_error(calibrated, y),
-        "escalation_share": float(in_band.mean()),
-        "fraud_share_in_band": float(y[in_band].mean()) if in_band.any() else 0.0,
-        "fraud_share_of_approved": float(y[approved].mean()) if approved.any() else 0.0,
-        "legit_share_of_blocked": float(1 - y[blocked].mean()) if blocked.any() else 0.0,
-        "recall_at_1pct_fpr_by_risk_type": {
-            r: float(np.mean(calibrated[risk_types == r] >= risk_type_threshold))
-            for r in RISK_TYPES
-            if np.any(risk_types == r)
-        },
-    }
-    return metrics
-
-
-def _data_summary(events: dict[str, list[LabelledEvent]], generated: bool, settings: Settings) -> dict[str, Any]:
-    summary: dict[str, Any] = {
-        "generator": GENERATOR if generated else "supplied by caller",
-        "counts": {k: len(v) for k, v in events.items()},
-        "fraud_rate": {k: float(np.mean([e.label for e in v])) for k, v in events.items()},
-        "risk_type_counts": {r: sum(e.risk_type == r for v in events.values() for e in v) for r in RISK_TYPES},
-    }
-    if generated:
-        summary.update(
-            seed=settings.data.seed,
-            n_events=settings.data.n_events,
-            files={k: str(settings.data.dir / name) for k, name in SPLIT_FILES.items()},
-        )
-    return summary
-
-
-def _content_hash(booster_text: str, calibration: PlattCalibrator, band: tuple[float, float]) -> str:
-    digest = hashlib.sha256(booster_text.encode())
-    digest.update(json.dumps([calibration.a, calibration.b, *band]).encode())
-    return digest.hexdigest()[:8]
-
-
 class _StageClock:
     """Times the named stages of a training run and shows them on a tqdm bar when progress is on."""
 
-    STAGES = ("data", "lightgbm", "calibration", "onnx", "metrics")
+    STAGES = ("features", "anomaly", "lightgbm", "calibration", "onnx", "metrics")
 
     def __init__(self, progress: bool) -> None:
         self._bar = tqdm(total=len(self.STAGES), disable=not progress, desc="train", unit="stage")
@@ -282,119 +195,241 @@ class _StageClock:
         self._bar.close()
 
 
-def train_model(
-    settings: Settings,
-    events: dict[str, list[LabelledEvent]] | None = None,
-    progress: bool = True,
-    *,
-    target_escalation_share: float = TARGET_ESCALATION_SHARE,
-) -> ModelCard:
-    """Train, calibrate, choose the band, export and verify ONNX, and write model files and card.
+@dataclass
+class TrainedModel:
+    """Everything ``fit_fast_model`` learned, in memory; ``write_model`` puts it next to the scorer."""
 
-    ``events`` holds the train/valid/test splits; when None they are generated from ``settings.data`` (n_events,
-    seed), split with the same seed, and written as CSV into ``settings.data.dir``. Raises RuntimeError, writing
-    nothing into ``settings.model.dir``, when the ONNX model disagrees with LightGBM.
-    """
+    dataset_name: str
+    layout: FeatureLayout
+    feature_names: list[str]  # every ONNX input column: layout names, then the anomaly score
+    anomaly_onnx: bytes | None
+    booster: lgb.Booster
+    calibrator: PlattCalibrator
+    band: tuple[float, float]
+    band_rule: str
+    onnx_model: bytes
+    opset: int
+    parity: float
+    anomaly_parity: float | None
+    metrics: dict[str, Any]
+    test_scores: np.ndarray  # calibrated, for plots
+    test_labels: np.ndarray
+    counts: dict[str, int]
+    fraud_rate: dict[str, float]
+    input_scaling: FeatureScaling  # over the raw numeric inputs (behaviour vectors of the case memory)
+    training: dict[str, Any]
+
+
+def split_of(dataset: Dataset, index: int, config: TrainingSettings, seed: int) -> np.ndarray:
+    """The data set's fixed split ``index``, or a stratified one drawn with ``seed`` when it has none."""
+    if dataset.splits:
+        return dataset.splits[index]
+    return stratified_split(dataset.labels, seed, config.valid_share, config.test_share)
+
+
+def fit_fast_model(
+    dataset: Dataset, split: np.ndarray, config: TrainingSettings, seed: int, progress: bool = False
+) -> TrainedModel:
+    """Fit the whole fast model on one split of ``dataset``; RuntimeError when ONNX disagrees with LightGBM."""
     clock = _StageClock(progress)
     try:
-        generated = events is None
-        clock.start("data")
-        if events is None:
-            all_events = generate_events(settings.data.n_events, settings.data.seed)
-            events = split_events(all_events, settings.data.seed)
-            for split, name in SPLIT_FILES.items():
-                write_events_csv(settings.data.dir / name, events[split])
-        missing = [k for k in SPLIT_FILES if k not in events]
-        if missing:
-            raise ValueError(f"events is missing the split(s) {missing}")
-        x = {k: feature_matrix(events[k]) for k in SPLIT_FILES}
-        y = {k: label_vector(events[k]) for k in SPLIT_FILES}
-        rng = np.random.default_rng(settings.data.seed)
+        rows = {name: split == name for name in SPLIT_NAMES}
+        y = {name: dataset.labels[mask] for name, mask in rows.items()}
+        rng = np.random.default_rng(seed)
+
+        clock.start("features")
+        layout, matrix = FeatureLayout.fit(dataset, rows["train"])
+        if not config.graph_features:
+            layout, matrix = _without_graph(layout, matrix)
+        x_all = matrix.astype(np.float32)
+        names = list(layout.names)
+
+        clock.start("anomaly")
+        anomaly_onnx, anomaly_parity = None, None
+        if config.anomaly_trees:
+            forest = fit_anomaly_model(x_all[rows["train"]], config.anomaly_trees, seed)
+            anomaly_onnx = export_anomaly_onnx(forest, x_all.shape[1])
+            scorer = AnomalyScorer(anomaly_onnx)
+            anomaly_parity = sklearn_parity(forest, scorer, x_all[rows["test"]])
+            x_all = np.column_stack([x_all, scorer.score(x_all)])
+            names.append(ANOMALY_FEATURE)
+            layout.descriptions[ANOMALY_FEATURE] = ANOMALY_DESCRIPTION
+        x = {name: x_all[mask] for name, mask in rows.items()}
 
         clock.start("lightgbm")
-        params = {**LIGHTGBM_PARAMS, "seed": settings.data.seed}
+        params = {
+            **LIGHTGBM_FIXED_PARAMS,
+            "learning_rate": config.learning_rate,
+            "num_leaves": config.num_leaves,
+            "min_data_in_leaf": config.min_data_in_leaf,
+            "feature_fraction": config.feature_fraction,
+            "num_threads": config.threads,
+            "seed": seed,
+        }
         train_set = lgb.Dataset(
-            with_missing_values(x["train"], MISSING_VALUE_SHARE, rng), y["train"], feature_name=list(FEATURE_NAMES)
+            with_missing_values(x["train"], config.missing_value_share, rng), y["train"],
+            feature_name=_lightgbm_names(names),
         )
         valid_set = lgb.Dataset(x["valid"], y["valid"], reference=train_set)
         booster = lgb.train(
-            params,
-            train_set,
-            num_boost_round=MAX_BOOST_ROUNDS,
-            valid_sets=[valid_set],
-            callbacks=[lgb.early_stopping(EARLY_STOPPING_ROUNDS, verbose=False)],
+            params, train_set, num_boost_round=config.max_boost_rounds, valid_sets=[valid_set],
+            callbacks=[lgb.early_stopping(config.early_stopping_rounds, verbose=False)],
         )
         best_iteration = booster.best_iteration or booster.current_iteration()
         trained = lgb.Booster(model_str=booster.model_to_string(num_iteration=best_iteration))
         booster = lgb.Booster(model_str=snap_thresholds_to_float32(trained.model_to_string()))
-        booster_text = booster.model_to_string()  # exactly the trees that ship
 
         clock.start("calibration")
         raw_valid = booster.predict(x["valid"])
         calibrator = PlattCalibrator.fit(raw_valid, y["valid"])
-        band = choose_escalation_band(calibrator.apply(raw_valid), target_escalation_share)
+        calibrated_valid = calibrator.apply(raw_valid)
+        costs = BandCosts(**config.costs.model_dump())
+        if config.band_rule == "cost":
+            band = band_by_cost(calibrated_valid, y["valid"], costs)
+        else:
+            band = band_by_share(calibrated_valid, config.target_escalation_share)
 
         clock.start("onnx")
-        model_dir = Path(settings.model.dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        onnx_tmp = model_dir / f".{ONNX_FILE}.tmp"
-        try:
-            opset = export_onnx(booster, onnx_tmp, len(FEATURE_NAMES))
-            holes = x["test"][:PARITY_MISSING_ROWS]
-            parity_rows = np.vstack(
-                [
-                    x["test"],
-                    with_missing_values(holes, PARITY_MISSING_CELL_SHARE, rng),
-                    np.full((1, len(FEATURE_NAMES)), np.nan, dtype=np.float32),
-                ]
-            )
-            snap_diff = float(np.max(np.abs(trained.predict(parity_rows) - booster.predict(parity_rows))))
-            if snap_diff != 0.0:
-                raise RuntimeError(f"float32 threshold snapping changed LightGBM predictions by {snap_diff:.3g}")
-            parity = check_onnx_parity(onnx_tmp, booster, parity_rows)
-        except BaseException:
-            onnx_tmp.unlink(missing_ok=True)
-            raise
+        onnx_model, opset = export_onnx(booster, len(names))
+        holes = x["test"][:PARITY_MISSING_ROWS]
+        parity_rows = np.vstack(
+            [x["test"], with_missing_values(holes, PARITY_MISSING_CELL_SHARE, rng),
+             np.full((1, len(names)), np.nan, dtype=np.float32)]
+        )
+        snap_diff = float(np.max(np.abs(trained.predict(parity_rows) - booster.predict(parity_rows))))
+        if snap_diff != 0.0:
+            raise RuntimeError(f"float32 threshold snapping changed LightGBM predictions by {snap_diff:.3g}")
+        parity = check_onnx_parity(onnx_model, booster, parity_rows)
 
         clock.start("metrics")
         raw_test = booster.predict(x["test"])
-        risk_types = np.array([e.risk_type for e in events["test"]])
-        metrics = _test_metrics(raw_test, calibrator.apply(raw_test), y["test"], risk_types, band)
+        calibrated_test = calibrator.apply(raw_test)
+        risk_types = dataset.risk_types[rows["test"]] if dataset.risk_types is not None else None
+        metrics: dict[str, Any] = {"split": "test", **split_metrics(calibrated_test, y["test"], risk_types)}
+        metrics.update(_band_metrics(calibrated_test, y["test"], band, config.band_rule, costs))
+        metrics["log_loss_raw"] = float(log_loss(y["test"], raw_test, labels=[0, 1]))
+        metrics["log_loss_calibrated"] = float(log_loss(y["test"], calibrated_test, labels=[0, 1]))
+        metrics["ece_raw"] = expected_calibration_error(raw_test, y["test"])
         metrics["valid_roc_auc"] = float(roc_auc_score(y["valid"], raw_valid))
-
         clock.stop()
-        mean = np.nanmean(x["train"].astype(np.float64), axis=0)
-        std = np.maximum(np.nanstd(x["train"].astype(np.float64), axis=0), STD_FLOOR)
-        created = datetime.now(timezone.utc)
-        card = ModelCard(
-            version=f"lgbm-{created:%Y%m%d%H%M%S}-{_content_hash(booster_text, calibrator, band)}",
-            created_at=created.isoformat(),
-            feature_names=list(FEATURE_NAMES),
-            feature_descriptions=dict(FEATURE_DESCRIPTIONS),
-            calibration=CalibrationSpec(a=calibrator.a, b=calibrator.b),
-            thresholds=Thresholds(
-                band_low=band[0], band_high=band[1], target_escalation_share=target_escalation_share
-            ),
-            onnx=OnnxSpec(input=ONNX_INPUT, output=ONNX_OUTPUT, opset=opset, parity_max_abs_diff=parity),
-            feature_scaling=FeatureScaling(mean=mean.tolist(), std=std.tolist()),
+
+        inputs = dataset.numeric[rows["train"]]
+        return TrainedModel(
+            dataset_name=dataset.spec.name,
+            layout=layout,
+            feature_names=names,
+            anomaly_onnx=anomaly_onnx,
+            booster=booster,
+            calibrator=calibrator,
+            band=band,
+            band_rule=config.band_rule,
+            onnx_model=onnx_model,
+            opset=opset,
+            parity=parity,
+            anomaly_parity=anomaly_parity,
             metrics=metrics,
-            data=_data_summary(events, generated, settings),
+            test_scores=calibrated_test,
+            test_labels=y["test"],
+            counts={name: int(mask.sum()) for name, mask in rows.items()},
+            fraud_rate={name: float(v.mean()) for name, v in y.items()},
+            input_scaling=FeatureScaling(
+                mean=np.nanmean(inputs, axis=0).tolist(),
+                std=np.maximum(np.nanstd(inputs, axis=0), STD_FLOOR).tolist(),
+            ),
             training={
                 "best_iteration": best_iteration,
                 "params": params,
-                "max_boost_rounds": MAX_BOOST_ROUNDS,
-                "early_stopping_rounds": EARLY_STOPPING_ROUNDS,
-                "missing_value_share": MISSING_VALUE_SHARE,
+                "config": config.model_dump(mode="json"),
                 "parity_rows": int(len(parity_rows)),
                 "lightgbm_version": lgb.__version__,
                 "onnxmltools_version": onnxmltools.__version__,
                 "stage_seconds": dict(clock.seconds),
             },
         )
-        os.replace(onnx_tmp, model_dir / ONNX_FILE)
-        (model_dir / BOOSTER_FILE).write_text(booster_text)
-        write_model_card(model_dir, card)
-        log.info("trained %s: test ROC-AUC %.4f, band [%.3f, %.3f)", card.version, metrics["roc_auc"], *band)
-        return card
     finally:
         clock.close()
+
+
+def _without_graph(layout: FeatureLayout, matrix: np.ndarray) -> tuple[FeatureLayout, np.ndarray]:
+    keep = len(layout.numeric) + len(layout.categorical)
+    layout.graph, layout.history, layout.links = [], None, []
+    return layout, matrix[:, :keep]
+
+
+def _lightgbm_names(names: list[str]) -> list[str]:
+    """LightGBM refuses some characters in feature names; the booster only needs them distinct."""
+    return [f"f{i}" for i in range(len(names))]
+
+
+def _band_metrics(
+    scores: np.ndarray, labels: np.ndarray, band: tuple[float, float], rule: str, costs: BandCosts
+) -> dict[str, float]:
+    in_band = (scores >= band[0]) & (scores < band[1])
+    blocked, approved = scores >= band[1], scores < band[0]
+    choice = assess_band(rule, scores, labels, band, costs)
+    return {
+        "escalation_share": float(in_band.mean()),
+        "fraud_share_in_band": float(labels[in_band].mean()) if in_band.any() else 0.0,
+        "fraud_share_of_approved": float(labels[approved].mean()) if approved.any() else 0.0,
+        "legit_share_of_blocked": float(1 - labels[blocked].mean()) if blocked.any() else 0.0,
+        "cost_per_event": choice.cost_per_event,
+    }
+
+
+def _content_hash(model: TrainedModel) -> str:
+    digest = hashlib.sha256(model.booster.model_to_string().encode())
+    digest.update(model.anomaly_onnx or b"")
+    digest.update(json.dumps([model.calibrator.a, model.calibrator.b, *model.band]).encode())
+    return digest.hexdigest()[:8]
+
+
+def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any]) -> ModelCard:
+    """Write the model files into ``model_dir``, the model card last (the scorer reads the card first)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    created = datetime.now(timezone.utc)
+    layout = model.layout
+    card = ModelCard(
+        version=f"lgbm-{created:%Y%m%d%H%M%S}-{_content_hash(model)}",
+        created_at=created.isoformat(),
+        feature_names=list(layout.numeric),
+        feature_descriptions={n: layout.descriptions.get(n, n) for n in model.feature_names},
+        model_features=list(model.feature_names),
+        categorical_features=dict(layout.categorical),
+        links=list(layout.links),
+        calibration=CalibrationSpec(a=model.calibrator.a, b=model.calibrator.b),
+        thresholds=Thresholds(
+            band_low=model.band[0], band_high=model.band[1], rule=model.band_rule,
+            target_escalation_share=model.training["config"]["target_escalation_share"],
+            costs=model.training["config"]["costs"],
+        ),
+        onnx=OnnxSpec(input=ONNX_INPUT, output=ONNX_OUTPUT, opset=model.opset, parity_max_abs_diff=model.parity),
+        anomaly={"file": ANOMALY_FILE, "feature": ANOMALY_FEATURE, "sklearn_parity_max_abs_diff": model.anomaly_parity}
+        if model.anomaly_onnx else None,
+        feature_scaling=model.input_scaling,
+        metrics=model.metrics,
+        data={"dataset": model.dataset_name, "counts": model.counts, "fraud_rate": model.fraud_rate, **data},
+        training=model.training,
+    )
+    staged: list[tuple[Path, bytes]] = [(model_dir / ONNX_FILE, model.onnx_model)]
+    if model.anomaly_onnx:
+        staged.append((model_dir / ANOMALY_FILE, model.anomaly_onnx))
+    else:
+        (model_dir / ANOMALY_FILE).unlink(missing_ok=True)
+    for path, body in staged:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(body)
+        os.replace(tmp, path)
+    (model_dir / BOOSTER_FILE).write_text(model.booster.model_to_string())
+    layout.save(model_dir)
+    write_model_card(model_dir, card)
+    log.info("wrote %s: test ROC-AUC %.4f, band [%.3f, %.3f)", card.version, model.metrics["roc_auc"], *model.band)
+    return card
+
+
+def train_model(settings: Settings, dataset: Dataset, progress: bool = True, data: dict[str, Any] | None = None
+                ) -> ModelCard:
+    """Train on the data set's first split (or a stratified one) and write the model into ``settings.model.dir``."""
+    split = split_of(dataset, 0, settings.training, settings.data.seed)
+    model = fit_fast_model(dataset, split, settings.training, settings.data.seed, progress=progress)
+    return write_model(model, settings.model.dir, data or {})

@@ -45,11 +45,11 @@ class FastScorer:
             async with self._arrivals.enter() as lone:
                 current.set_attribute("scorer.batched", not lone)
                 if lone:
-                    return self._model.score_batch([request.features])[0]
-                return await self._score_batched(request.features)
+                    return self._model.score_batch([request])[0]
+                return await self._score_batched(request)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _score_batched(self, rows: list[dict[str, float]]) -> list[FastScore]:
+    async def _score_batched(self, rows: list[ScoreRequest]) -> list[FastScore]:
         with span("scorer.batch", batch_size=len(rows)):
             return self._model.score_batch(rows)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
@@ -19,8 +20,11 @@ import lightgbm as lgb  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from riskcascade.domain import FastScore, ReasonCode  # noqa: E402
+from riskcascade.anomaly import AnomalyScorer  # noqa: E402
+from riskcascade.domain import EVENT_TYPE_ATTRIBUTE, Entities, FastScore, ReasonCode, ScoreRequest  # noqa: E402
+from riskcascade.features import FeatureLayout  # noqa: E402
 from riskcascade.model_card import BOOSTER_FILE, ONNX_FILE, ModelCard, load_model_card  # noqa: E402
+from services.scorer.explain import TreeShapExplainer  # noqa: E402
 from services.scorer.gpu_probe import choose_providers  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,10 @@ class FastModel:
     def __init__(self, model_dir: Path, threads: int = 1, reason_count: int = 3, prefer_gpu: bool = True):
         model_dir = Path(model_dir)
         self.card: ModelCard = load_model_card(model_dir)
-        self._features = tuple(self.card.feature_names)
+        self._layout = FeatureLayout.load(model_dir)
+        _check_servable(self.card, self._layout)
+        self._inputs = tuple(self.card.feature_names)
+        self._model_features = tuple(self.card.model_features)
         self._calibrator = self.card.calibration.calibrator()
         self._reason_count = reason_count
         providers, probe = choose_providers(prefer_gpu)
@@ -54,12 +61,14 @@ class FastModel:
         self._session = ort.InferenceSession(
             str(model_dir / ONNX_FILE), sess_options=options, providers=providers
         )
+        # The forest is ~100 small trees: the CPU provider is as fast as a GPU round trip would be.
+        self._anomaly = AnomalyScorer(str(model_dir / self.card.anomaly["file"]), threads) if self.card.anomaly else None
         self._input = self.card.onnx.input
         self._output = self.card.onnx.output
-        self._booster = lgb.Booster(model_file=str(model_dir / BOOSTER_FILE))
+        self._explainer = TreeShapExplainer(lgb.Booster(model_file=str(model_dir / BOOSTER_FILE)))
         self.info = ScorerInfo(
             model_version=self.card.version,
-            feature_names=self._features,
+            feature_names=self._inputs,
             band_low=self.card.thresholds.band_low,
             band_high=self.card.thresholds.band_high,
             provider=self._session.get_providers()[0],
@@ -67,21 +76,26 @@ class FastModel:
         )
         log.info("fast model %s on %s (%s)", self.card.version, self.info.provider, probe.detail)
 
-    def matrix(self, rows: list[dict[str, float]]) -> np.ndarray:
-        """Rows of named features as a float32 matrix in model order; absent features are NaN (missing)."""
-        out = np.full((len(rows), len(self._features)), np.nan, dtype=np.float32)
-        for i, row in enumerate(rows):
-            for j, name in enumerate(self._features):
-                value = row.get(name)
+    def matrix(self, requests: Sequence[ScoreRequest]) -> np.ndarray:
+        """Requests as the float32 model input: raw features (absent = NaN), categorical codes, graph aggregates
+        from the entities, then the anomaly score."""
+        raw = np.full((len(requests), len(self._inputs)), np.nan)
+        for i, request in enumerate(requests):
+            for j, name in enumerate(self._inputs):
+                value = request.features.get(name)
                 if value is not None:
-                    out[i, j] = value
-        return out
+                    raw[i, j] = value
+        x = self._layout.transform(raw, [r.attributes for r in requests], [r.entities for r in requests])
+        x = x.astype(np.float32)
+        if self._anomaly is not None:
+            x = np.column_stack([x, self._anomaly.score(x)])
+        return x
 
-    def score_batch(self, rows: list[dict[str, float]]) -> list[FastScore]:
-        x = self.matrix(rows)
+    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[FastScore]:
+        x = self.matrix(requests)
         raw = self._session.run([self._output], {self._input: x})[0][:, 1].astype(np.float64)
         calibrated = self._calibrator.apply(raw)
-        reasons = self._reasons(x) if self._reason_count else [()] * len(rows)
+        reasons = self._reasons(x) if self._reason_count else [()] * len(requests)
         return [
             FastScore(
                 score=float(calibrated[i]),
@@ -90,11 +104,11 @@ class FastModel:
                 model_version=self.card.version,
                 provider=self.info.provider,
             )
-            for i in range(len(rows))
+            for i in range(len(requests))
         ]
 
     def _reasons(self, x: np.ndarray) -> list[tuple[ReasonCode, ...]]:
-        contrib = self._booster.predict(x, pred_contrib=True, num_threads=1)[:, :-1]  # last column: bias
+        contrib = self._explainer.contributions(x)
         out = []
         for i in range(x.shape[0]):
             order = np.argsort(-np.abs(contrib[i]))[: self._reason_count]
@@ -102,7 +116,7 @@ class FastModel:
         return out
 
     def _reason(self, j: int, value: float, weight: float) -> ReasonCode:
-        name = self._features[j]
+        name = self._model_features[j]
         description = self.card.feature_descriptions.get(name, name)
         shown = "missing" if math.isnan(value) else f"{value:g}"
         direction = "raises" if weight > 0 else "lowers"
@@ -111,3 +125,20 @@ class FastModel:
             description=f"{description} ({name}={shown}) {direction} risk",
             weight=round(weight, 4),
         )
+
+
+def _check_servable(card: ModelCard, layout: FeatureLayout) -> None:
+    """A model trained on any data set can be evaluated; serving needs inputs a RiskEvent can supply."""
+    entity_fields = {f.name for f in fields(Entities)}
+    problems = []
+    if layout.uses_edges:
+        problems.append("its graph features come from an edge list, which events do not carry")
+    if set(layout.links) - entity_fields:
+        problems.append(f"its links {sorted(set(layout.links) - entity_fields)} are not event entities "
+                        f"({', '.join(sorted(entity_fields))})")
+    if set(layout.categorical) - {EVENT_TYPE_ATTRIBUTE}:
+        problems.append(f"its categorical features {sorted(set(layout.categorical) - {EVENT_TYPE_ATTRIBUTE})} "
+                        f"are not event attributes ({EVENT_TYPE_ATTRIBUTE})")
+    if problems:
+        raise ValueError(f"model {card.version} (data set {card.data.get('dataset')}) cannot be served: "
+                         + "; ".join(problems))
