@@ -145,7 +145,9 @@ def _index(settings: Settings, progress: bool) -> None:
         card = load_model_card(settings.model.dir)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
-    source = settings.data.dir / "train.csv"
+    from riskcascade.datasets import SPLIT_FILES
+
+    source = settings.data.dir / SPLIT_FILES["train"]
     if not source.exists():
         raise click.ClickException(f"no training data at {source}: run `riskcascade train` first")
     try:

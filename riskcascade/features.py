@@ -45,24 +45,27 @@ class FeatureLayout:
         return [f"{name}={value}" for name, vocabulary in self.categorical.items() for value in vocabulary]
 
     @classmethod
-    def fit(cls, dataset: Dataset, train_rows: np.ndarray) -> tuple["FeatureLayout", np.ndarray]:
-        """The layout and the float64 matrix of every row of ``dataset`` (graph over all rows: transductive)."""
+    def fit(
+        cls, dataset: Dataset, train_rows: np.ndarray, graph_features: bool = True
+    ) -> tuple["FeatureLayout", np.ndarray]:
+        """The layout and the float64 matrix of every row of ``dataset`` (graph over all rows: transductive);
+        without ``graph_features`` the links and edges are ignored."""
         spec = dataset.spec
+        links = dict(dataset.links) if graph_features else {}
+        edges = dataset.edges if graph_features else None
         vocabularies = {
             name: sorted({v for v in values[train_rows] if v}) for name, values in dataset.categorical.items()
         }
         aggregated_idx = [spec.numeric_features.index(a) for a in spec.aggregated]
-        graph = build_graph_features(
-            dataset.links, dataset.numeric[:, aggregated_idx], spec.aggregated, dataset.edges
-        )
+        graph = build_graph_features(links, dataset.numeric[:, aggregated_idx], spec.aggregated, edges)
         layout = cls(
             numeric=list(spec.numeric_features),
             categorical=vocabularies,
-            links=list(spec.links),
+            links=list(links),
             aggregated=list(spec.aggregated),
             graph=graph.names,
-            history=graph.history if spec.links else None,
-            uses_edges=dataset.edges is not None,
+            history=graph.history if links else None,
+            uses_edges=edges is not None,
         )
         layout.descriptions = {
             **{n: spec.feature_descriptions.get(n, n) for n in spec.numeric_features},
@@ -81,7 +84,7 @@ class FeatureLayout:
             vocabulary = np.array(self.categorical[name], dtype=object)
             block = (np.asarray(values, dtype=object)[:, None] == vocabulary[None, :]).astype(np.float64)
             block[np.asarray(values, dtype=object) == ""] = np.nan
-            blocks.append(block.reshape(n, len(vocabulary)))
+            blocks.append(block)
         return np.column_stack(blocks) if blocks else np.zeros((n, 0))
 
     def transform(

@@ -287,17 +287,10 @@ def split_events(
     events: list[LabelledEvent], seed: int, valid_share: float = 0.15, test_share: float = 0.15
 ) -> dict[str, list[LabelledEvent]]:
     """Stratified (on label) random split into train / valid / test; each part keeps the input order."""
-    if not (0 < valid_share < 1 and 0 < test_share < 1 and valid_share + test_share < 1):
-        raise ValueError("valid_share and test_share must be in (0, 1) and sum to less than 1")
-    rng = np.random.default_rng(seed)
-    labels = np.array([e.label for e in events])
-    part = np.zeros(len(events), dtype=np.int64)  # 0 train, 1 valid, 2 test
-    for label in (0, 1):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        n_valid, n_test = round(len(idx) * valid_share), round(len(idx) * test_share)
-        part[idx[:n_valid]] = 1
-        part[idx[n_valid : n_valid + n_test]] = 2
-    return {name: [e for e, p in zip(events, part) if p == k] for k, name in enumerate(("train", "valid", "test"))}
+    from riskcascade.datasets.splits import stratified_split  # the datasets package imports this module
+
+    part = stratified_split(np.array([e.label for e in events]), seed, valid_share, test_share)
+    return {name: [e for e, p in zip(events, part) if p == name] for name in ("train", "valid", "test")}
 
 
 # --- CSV -----------------------------------------------------------------------------------------------------

@@ -238,9 +238,7 @@ def fit_fast_model(
         rng = np.random.default_rng(seed)
 
         clock.start("features")
-        layout, matrix = FeatureLayout.fit(dataset, rows["train"])
-        if not config.graph_features:
-            layout, matrix = _without_graph(layout, matrix)
+        layout, matrix = FeatureLayout.fit(dataset, rows["train"], graph_features=config.graph_features)
         x_all = matrix.astype(np.float32)
         names = list(layout.names)
 
@@ -348,12 +346,6 @@ def fit_fast_model(
         )
     finally:
         clock.close()
-
-
-def _without_graph(layout: FeatureLayout, matrix: np.ndarray) -> tuple[FeatureLayout, np.ndarray]:
-    keep = len(layout.numeric) + len(layout.categorical)
-    layout.graph, layout.history, layout.links = [], None, []
-    return layout, matrix[:, :keep]
 
 
 def _lightgbm_names(names: list[str]) -> list[str]:

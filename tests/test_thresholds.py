@@ -119,7 +119,4 @@ def test_share_band_holds_the_target_share_closest_to_the_centre():
 
 def test_share_band_is_trainings_rule():
     training = pytest.importorskip("riskcascade.training")
-    rng = np.random.default_rng(2)
-    scores = rng.beta(0.7, 3, 2000)
-    for share, centre in ((0.12, 0.5), (0.2, 0.3), (0.999, 0.5)):
-        assert band_by_share(scores, share, centre) == band_by_share(list(scores), share, centre)
+    assert training.band_by_share is band_by_share  # training chooses its band with this very function
