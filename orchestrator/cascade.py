@@ -144,6 +144,9 @@ class Cascade:
             missing_features=missing,
             fast_score=fast.score if fast else 0.0,
             scorer_provider=fast.provider if fast else "",
+            reasoning_steps=merged.reasoning_steps,
+            rationale=merged.rationale,
+            reasoner_backend=merged.reasoner_backend,
         )
 
 

@@ -32,7 +32,8 @@ def decision_to_proto(d: Decision) -> pb.Decision:
         reasons=[pb.ReasonCode(code=r.code, description=r.description, weight=r.weight) for r in d.reasons],
         evidence=[
             pb.Evidence(
-                id=e.id, kind=e.kind, similarity=e.similarity, outcome=OUTCOMES[e.outcome],
+                id=e.id, kind=e.kind, similarity=e.similarity,
+                outcome=OUTCOMES[e.outcome] if e.outcome is not None else pb.OUTCOME_UNSPECIFIED,
                 risk_type=e.risk_type, summary=e.summary,
             )
             for e in d.evidence
@@ -48,6 +49,11 @@ def decision_to_proto(d: Decision) -> pb.Decision:
         scorer_provider=d.scorer_provider,
         replayed=d.replayed,
         event_type=EVENT_TYPES[d.event_type],
+        reasoning_steps=[
+            pb.ReasoningStep(name=s.name, outcome=s.outcome, duration_ms=s.duration_ms) for s in d.reasoning_steps
+        ],
+        rationale=d.rationale,
+        reasoner_backend=d.reasoner_backend,
     )
     msg.decided_at.FromDatetime(d.decided_at)
     return msg

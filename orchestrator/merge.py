@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.policy import Route, RoutingDecision
-from riskcascade.domain import Action, EventType, FastScore, ReasonCode, ReasonerVerdict, Stage
+from riskcascade.domain import Action, EventType, FastScore, ReasonCode, ReasonerVerdict, ReasoningStep, Stage
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class MergedVerdict:
     degraded: bool
     degraded_reason: str
     policy_version: str = ""
+    reasoning_steps: tuple[ReasoningStep, ...] = ()
+    rationale: str = ""
+    reasoner_backend: str = ""
 
 
 def fast_model_failed(rules: MergeRules, event_type: EventType, why: str) -> MergedVerdict:
@@ -104,4 +107,7 @@ def merge(
         degraded=False,
         degraded_reason="",
         policy_version=verdict.policy_version,
+        reasoning_steps=verdict.steps,
+        rationale=verdict.rationale,
+        reasoner_backend=verdict.backend,
     )

@@ -8,20 +8,22 @@ and filters written for one work on the other.
 
 Contract worth knowing before use:
 
+- One shard is one collection. A point may hold several named dense vectors: ``vector_name`` is the default one
+  (a node's ``embedding``, and what ``query`` searches unless told otherwise); ``extra_vectors`` are passed to
+  ``add`` as ``named_vectors`` and searched with ``query(..., vector_name=...)``.
 - One process owns a shard folder: Edge holds a lock on its write-ahead log from open until ``close()`` (or until
   the store is garbage-collected). A second open, in this process or another, raises ``EdgeShardLockedError``.
   There is no read-only open: readers take the lock too.
 - Point ids are deterministic: a node id that is already a UUID is used as is (as ``QdrantVectorStore`` does, so
   both stores give a node the same point id); any other node id becomes ``uuid5(EDGE_POINT_NAMESPACE, node_id)``.
-  Re-adding a node overwrites its point instead of duplicating it.
+  Re-adding a node overwrites its point (all of its vectors) instead of duplicating it.
 - Scores are what Qdrant returns for the configured distance: for cosine, the cosine similarity of the normalised
   vectors (float32, so it can stray from [-1, 1] by ~1e-7; a zero vector scores 0 against everything).
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,6 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.schema import BaseNode
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
-    FilterCondition,
-    FilterOperator,
-    MetadataFilter,
     MetadataFilters,
     VectorStoreQuery,
     VectorStoreQueryMode,
@@ -44,8 +43,23 @@ from llama_index.core.vector_stores.utils import (
     node_to_metadata_dict,
 )
 
-EDGE_POINT_NAMESPACE = uuid.UUID("6f1f3a52-8d0e-5c53-9a47-2b1c0e6d7f10")
-"""Namespace of the uuid5 point ids made from node ids that are not UUIDs. Changing it orphans existing shards."""
+from retrieval.edge_filters import (
+    EDGE_POINT_NAMESPACE,
+    doc_id_filter,
+    edge_point_id,
+    metadata_filters_to_edge,
+    query_filter,
+)
+
+__all__ = [
+    "EDGE_POINT_NAMESPACE",
+    "EdgeShardLockedError",
+    "EdgeShardNotFoundError",
+    "QdrantEdgeVectorStore",
+    "edge_point_id",
+    "metadata_filters_to_edge",
+    "shard_exists",
+]
 
 DEFAULT_VECTOR_NAME = "behaviour"
 
@@ -72,30 +86,25 @@ class EdgeShardNotFoundError(FileNotFoundError):
     """No shard at the path and the store was asked not to create one."""
 
 
-def edge_point_id(node_id: str) -> str:
-    """The point id a node is stored under: the node id itself when it is a UUID, else its uuid5."""
-    try:
-        return str(uuid.UUID(node_id))
-    except ValueError:
-        return str(uuid.uuid5(EDGE_POINT_NAMESPACE, node_id))
-
-
 def shard_exists(path: Path) -> bool:
     """Whether ``path`` holds an Edge shard (its config file, written at create, is there)."""
     return (Path(path) / "edge_config.json").is_file()
 
 
 class QdrantEdgeVectorStore(BasePydanticVectorStore):
-    """LlamaIndex vector store over one Qdrant Edge shard with one named dense vector.
+    """LlamaIndex vector store over one Qdrant Edge shard with one or more named dense vectors.
 
     Args:
         path: shard folder; created (with ``dimension``) when it holds no shard yet.
-        dimension: vector size. Needed to create a shard; when given for an existing shard it is checked
-            against it, and a mismatch raises ``ValueError``.
-        distance: ``"cosine"``, ``"dot"`` or ``"euclid"`` (used only when creating).
-        vector_name: name of the dense vector.
+        dimension: size of the default vector. Needed to create a shard; when given for an existing shard the
+            vectors are checked against it, and a mismatch raises ``ValueError``.
+        distance: ``"cosine"``, ``"dot"`` or ``"euclid"``, for every vector (used only when creating).
+        vector_name: name of the default dense vector (the nodes' ``embedding``).
+        extra_vectors: further named dense vectors and their sizes (needs ``dimension``).
         keyword_index_fields: payload keys given a keyword index (created if missing, on every open);
             ``doc_id`` is always indexed because delete by ref_doc_id filters on it.
+        datetime_index_fields: payload keys (RFC 3339 strings) given a datetime index, which ``scroll_nodes``
+            needs to order by them.
         create_if_missing: False raises ``EdgeShardNotFoundError`` instead of creating a shard.
     """
 
@@ -105,7 +114,9 @@ class QdrantEdgeVectorStore(BasePydanticVectorStore):
     path: str
     vector_name: str = DEFAULT_VECTOR_NAME
     dimension: int | None = None
+    extra_vectors: dict[str, int] = Field(default_factory=dict)
     keyword_index_fields: list[str] = Field(default_factory=list)
+    datetime_index_fields: list[str] = Field(default_factory=list)
 
     _shard: qe.EdgeShard | None = PrivateAttr(default=None)
 
@@ -116,23 +127,35 @@ class QdrantEdgeVectorStore(BasePydanticVectorStore):
         *,
         distance: str = "cosine",
         vector_name: str = DEFAULT_VECTOR_NAME,
+        extra_vectors: Mapping[str, int] | None = None,
         keyword_index_fields: Sequence[str] = (),
+        datetime_index_fields: Sequence[str] = (),
         create_if_missing: bool = True,
     ) -> None:
         if distance not in _DISTANCES:
             raise ValueError(f"distance must be one of {sorted(_DISTANCES)}, not {distance!r}")
+        extra = dict(extra_vectors or {})
+        if extra and dimension is None:
+            raise ValueError("extra_vectors need the default vector's dimension too")
+        if vector_name in extra:
+            raise ValueError(f"vector {vector_name!r} is both the default and an extra vector")
         fields = list(dict.fromkeys([DEFAULT_DOC_ID_KEY, *keyword_index_fields]))
         super().__init__(
             path=str(Path(path)),
             vector_name=vector_name,
             dimension=dimension,
+            extra_vectors=extra,
             keyword_index_fields=fields,
+            datetime_index_fields=list(datetime_index_fields),
         )
-        self._shard = _open_shard(Path(path), dimension, _DISTANCES[distance], vector_name, create_if_missing)
+        sizes = {vector_name: dimension, **extra} if dimension is not None else None
+        self._shard = _open_shard(Path(path), sizes, _DISTANCES[distance], create_if_missing)
         existing = self._shard.info().payload_schema
-        for name in fields:
+        wanted = [(name, qe.PayloadSchemaType.Keyword) for name in fields]
+        wanted += [(name, qe.PayloadSchemaType.Datetime) for name in datetime_index_fields]
+        for name, schema in wanted:
             if name not in existing:
-                self._shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
+                self._shard.update(qe.UpdateOperation.create_field_index(name, schema))
 
     @classmethod
     def class_name(cls) -> str:
@@ -143,25 +166,39 @@ class QdrantEdgeVectorStore(BasePydanticVectorStore):
         """The open ``EdgeShard``."""
         return self._open()
 
+    @property
+    def vector_names(self) -> tuple[str, ...]:
+        """The default vector's name, then the extra vectors'."""
+        return (self.vector_name, *self.extra_vectors)
+
     # -- writes -------------------------------------------------------------------------------------------------
 
-    def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
-        """Upsert nodes (each must carry an embedding); returns their node ids."""
+    def add(
+        self,
+        nodes: Sequence[BaseNode],
+        named_vectors: Sequence[Mapping[str, Sequence[float]]] | None = None,
+        **add_kwargs: Any,
+    ) -> list[str]:
+        """Upsert nodes (each must carry its default vector as ``embedding``); returns their node ids.
+
+        ``named_vectors``, one mapping per node, adds the extra vectors (a point may lack some: it is then not
+        found by searches of those vectors).
+        """
         if not nodes:
             return []
+        extras = _named_vectors_per_node(nodes, named_vectors, self.vector_names)
         points = []
-        for node in nodes:
+        for node, extra in zip(nodes, extras):
             embedding = node.get_embedding()  # raises if the node has none
             payload = node_to_metadata_dict(node, remove_text=False, flat_metadata=self.flat_metadata)
-            points.append(
-                qe.Point(id=edge_point_id(node.node_id), vector={self.vector_name: embedding}, payload=payload)
-            )
+            vectors = {self.vector_name: embedding, **{k: list(v) for k, v in extra.items()}}
+            points.append(qe.Point(id=edge_point_id(node.node_id), vector=vectors, payload=payload))
         self._open().update(qe.UpdateOperation.upsert_points(points))
         return [node.node_id for node in nodes]
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Delete every node whose source document is ``ref_doc_id``."""
-        self._open().update(qe.UpdateOperation.delete_points_by_filter(_doc_id_filter([ref_doc_id])))
+        self._open().update(qe.UpdateOperation.delete_points_by_filter(doc_id_filter([ref_doc_id])))
 
     def delete_nodes(
         self,
@@ -170,14 +207,10 @@ class QdrantEdgeVectorStore(BasePydanticVectorStore):
         **delete_kwargs: Any,
     ) -> None:
         """Delete nodes by id and/or metadata filters (both given: nodes matching both)."""
-        must = []
-        if node_ids is not None:
-            must.append(qe.HasIdCondition({edge_point_id(n) for n in node_ids}))
-        if filters is not None and filters.filters:
-            must.append(metadata_filters_to_edge(filters))
-        if not must:
+        edge_filter = _ids_and_filters(node_ids, filters)
+        if edge_filter is None:
             return
-        self._open().update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(must=must)))
+        self._open().update(qe.UpdateOperation.delete_points_by_filter(edge_filter))
 
     def clear(self) -> None:
         """Delete every point (the shard and its payload indexes stay)."""
@@ -185,8 +218,10 @@ class QdrantEdgeVectorStore(BasePydanticVectorStore):
 
     # -- reads --------------------------------------------------------------------------------------------------
 
-    def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
-        """Nearest neighbours of ``query.query_embedding`` among points matching the filters.
+    def query(
+        self, query: VectorStoreQuery, vector_name: str | None = None, **kwargs: Any
+    ) -> VectorStoreQueryResult:
+        """Nearest neighbours of ``query.query_embedding`` by ``vector_name`` (default: the default vector).
 
         Supports ``filters`` (MetadataFilters, nested, AND/OR/NOT), ``doc_ids`` and ``node_ids``. Only the
         default (dense) mode exists here.
@@ -195,10 +230,11 @@ class QdrantEdgeVectorStore(BasePydanticVectorStore):
             raise NotImplementedError(f"QdrantEdgeVectorStore supports only dense queries, not {query.mode.value}")
         if query.query_embedding is None:
             raise ValueError("QdrantEdgeVectorStore.query needs query.query_embedding")
+        using = self._vector(vector_name)
         request = qe.QueryRequest(
             limit=query.similarity_top_k,
-            query=qe.Query.Nearest(list(query.query_embedding), using=self.vector_name),
-            filter=_query_filter(query),
+            query=qe.Query.Nearest(list(query.query_embedding), using=using),
+            filter=query_filter(query),
             with_payload=_NODE_KEYS,
             with_vector=False,
         )
@@ -215,13 +251,8 @@ class QdrantEdgeVectorStore(BasePydanticVectorStore):
         node_ids: list[str] | None = None,
         filters: MetadataFilters | None = None,
     ) -> list[BaseNode]:
-        """Nodes by id and/or metadata filters, with their embeddings (normalised for cosine)."""
-        must = []
-        if node_ids is not None:
-            must.append(qe.HasIdCondition({edge_point_id(n) for n in node_ids}))
-        if filters is not None and filters.filters:
-            must.append(metadata_filters_to_edge(filters))
-        edge_filter = qe.Filter(must=must) if must else None
+        """Nodes by id and/or metadata filters, with their default vector (normalised for cosine)."""
+        edge_filter = _ids_and_filters(node_ids, filters)
         shard = self._open()
         nodes: list[BaseNode] = []
         offset = None
@@ -238,9 +269,50 @@ class QdrantEdgeVectorStore(BasePydanticVectorStore):
             if offset is None:
                 return nodes
 
-    def count(self) -> int:
-        """Exact number of points in the shard."""
-        return self._open().count(qe.CountRequest(exact=True))
+    def scroll_nodes(
+        self,
+        filters: MetadataFilters | None = None,
+        limit: int | None = None,
+        order_by: str | None = None,
+        descending: bool = True,
+    ) -> list[BaseNode]:
+        """Nodes matching ``filters``, without vectors: at most ``limit`` (None: all).
+
+        With ``order_by`` (a key with a datetime index) they come sorted by it and points lacking it are left
+        out; ``limit`` is then required, since Qdrant cannot page an ordered scroll. Ties come in no set order.
+        """
+        edge_filter = metadata_filters_to_edge(filters) if filters is not None and filters.filters else None
+        shard = self._open()
+        if order_by is not None:
+            if limit is None:
+                raise ValueError("scroll_nodes with order_by needs a limit")
+            direction = qe.Direction.Desc if descending else qe.Direction.Asc
+            records, _ = shard.scroll(
+                qe.ScrollRequest(
+                    limit=limit,
+                    filter=edge_filter,
+                    with_payload=_NODE_KEYS,
+                    with_vector=False,
+                    order_by=qe.OrderBy(order_by, direction=direction),
+                )
+            )
+            return [metadata_dict_to_node(record.payload) for record in records]
+        nodes: list[BaseNode] = []
+        offset = None
+        while limit is None or len(nodes) < limit:
+            page = _SCROLL_PAGE if limit is None else min(_SCROLL_PAGE, limit - len(nodes))
+            records, offset = shard.scroll(
+                qe.ScrollRequest(offset=offset, limit=page, filter=edge_filter, with_payload=_NODE_KEYS)
+            )
+            nodes += [metadata_dict_to_node(record.payload) for record in records]
+            if offset is None:
+                break
+        return nodes
+
+    def count(self, filters: MetadataFilters | None = None) -> int:
+        """Exact number of points in the shard (matching ``filters`` when given)."""
+        edge_filter = metadata_filters_to_edge(filters) if filters is not None and filters.filters else None
+        return self._open().count(qe.CountRequest(filter=edge_filter, exact=True))
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -278,6 +350,39 @@ class QdrantEdgeVectorStore(BasePydanticVectorStore):
             raise RuntimeError(f"Qdrant Edge shard {self.path} is closed")
         return self._shard
 
+    def _vector(self, vector_name: str | None) -> str:
+        if vector_name is None:
+            return self.vector_name
+        if vector_name not in self.vector_names:
+            raise ValueError(f"shard {self.path} has no vector {vector_name!r} (it has {list(self.vector_names)})")
+        return vector_name
+
+
+def _named_vectors_per_node(
+    nodes: Sequence[BaseNode],
+    named_vectors: Sequence[Mapping[str, Sequence[float]]] | None,
+    known: Sequence[str],
+) -> Sequence[Mapping[str, Sequence[float]]]:
+    """``named_vectors`` checked against the nodes and the store's vector names (empty mappings when None)."""
+    if named_vectors is None:
+        return [{}] * len(nodes)
+    if len(named_vectors) != len(nodes):
+        raise ValueError(f"{len(named_vectors)} named-vector mappings for {len(nodes)} nodes")
+    extra = set(known[1:])
+    for vectors in named_vectors:
+        if unknown := set(vectors) - extra:
+            raise ValueError(f"unknown extra vectors {sorted(unknown)}; the store has {sorted(extra)}")
+    return named_vectors
+
+
+def _ids_and_filters(node_ids: list[str] | None, filters: MetadataFilters | None) -> qe.Filter | None:
+    must: list[Any] = []
+    if node_ids is not None:
+        must.append(qe.HasIdCondition({edge_point_id(n) for n in node_ids}))
+    if filters is not None and filters.filters:
+        must.append(metadata_filters_to_edge(filters))
+    return qe.Filter(must=must) if must else None
+
 
 # -- opening ----------------------------------------------------------------------------------------------------
 
@@ -285,11 +390,13 @@ _DISTANCES = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot, "euclid": qe
 
 
 def _open_shard(
-    path: Path, dimension: int | None, distance: qe.Distance, vector_name: str, create_if_missing: bool
+    path: Path, sizes: Mapping[str, int] | None, distance: qe.Distance, create_if_missing: bool
 ) -> qe.EdgeShard:
     config = None
-    if dimension is not None:
-        config = qe.EdgeConfig(vectors={vector_name: qe.EdgeVectorParams(size=dimension, distance=distance)})
+    if sizes is not None:
+        config = qe.EdgeConfig(
+            vectors={name: qe.EdgeVectorParams(size=size, distance=distance) for name, size in sizes.items()}
+        )
     exists = shard_exists(path)
     if not exists and not create_if_missing:
         raise EdgeShardNotFoundError(f"no Qdrant Edge shard at {path}")
@@ -309,118 +416,3 @@ def _open_shard(
         if "incompatible" in message.lower():
             raise ValueError(f"Qdrant Edge shard {path} does not match the requested vectors: {message}") from exc
         raise
-
-
-# -- filters ----------------------------------------------------------------------------------------------------
-
-
-def _doc_id_filter(doc_ids: list[str]) -> qe.Filter:
-    return qe.Filter(must=[qe.FieldCondition(key=DEFAULT_DOC_ID_KEY, match=qe.MatchAny(list(doc_ids)))])
-
-
-def _query_filter(query: VectorStoreQuery) -> qe.Filter | None:
-    must: list[Any] = []
-    should: list[Any] = []
-    must_not: list[Any] = []
-    if query.doc_ids:
-        must.append(qe.FieldCondition(key=DEFAULT_DOC_ID_KEY, match=qe.MatchAny(list(query.doc_ids))))
-    if query.node_ids:
-        must.append(qe.HasIdCondition({edge_point_id(n) for n in query.node_ids}))
-    if query.filters is not None and query.filters.filters:
-        more_must, should, more_must_not = _clauses(query.filters)
-        must += more_must
-        must_not += more_must_not
-    if not (must or should or must_not):
-        return None
-    return qe.Filter(must=must or None, should=should or None, must_not=must_not or None)
-
-
-def metadata_filters_to_edge(filters: MetadataFilters) -> qe.Filter:
-    """Translate LlamaIndex MetadataFilters into an Edge ``Filter``, with ``QdrantVectorStore``'s semantics.
-
-    EQ, NE, IN, NIN, GT, GTE, LT, LTE, TEXT_MATCH, IS_EMPTY; nested MetadataFilters; AND → must, OR → should,
-    NOT → must_not. NE and NIN use Qdrant's ``except`` match, which (in the Qdrant engine) also matches points
-    that lack the key.
-
-    AND and NOT groups nested in an AND are spliced into the outer filter rather than nested as sub-filters:
-    Qdrant's planner uses payload indexes only for top-level conditions, and a nested ``Filter`` made an
-    indexed event_type match twice as slow as the same match at the top level (slower than no filter at all).
-    """
-    must, should, must_not = _clauses(filters)
-    return qe.Filter(must=must or None, should=should or None, must_not=must_not or None)
-
-
-def _clauses(filters: MetadataFilters) -> tuple[list[Any], list[Any], list[Any]]:
-    """(must, should, must_not) condition lists of one MetadataFilters group."""
-    condition = filters.condition or FilterCondition.AND
-    conditions: list[Any] = []
-    spliced_must: list[Any] = []
-    spliced_must_not: list[Any] = []
-    for item in filters.filters:
-        if isinstance(item, MetadataFilters):
-            if not item.filters:
-                continue
-            inner = item.condition or FilterCondition.AND
-            if condition == FilterCondition.AND and inner in (FilterCondition.AND, FilterCondition.NOT):
-                inner_must, _, inner_must_not = _clauses(item)
-                spliced_must += inner_must
-                spliced_must_not += inner_must_not
-            else:
-                conditions.append(metadata_filters_to_edge(item))
-            continue
-        conditions.append(_condition(item))
-    if condition == FilterCondition.AND:
-        return spliced_must + conditions, [], spliced_must_not
-    if condition == FilterCondition.OR:
-        return [], conditions, []
-    if condition == FilterCondition.NOT:
-        return [], [], conditions
-    raise NotImplementedError(f"filter condition {condition} is not supported")
-
-
-def _condition(item: MetadataFilter) -> Any:
-    key, value, op = item.key, item.value, item.operator or FilterOperator.EQ
-    if op == FilterOperator.EQ:
-        if isinstance(value, float):
-            return qe.FieldCondition(key=key, range=qe.RangeFloat(gte=value, lte=value))
-        return qe.FieldCondition(key=key, match=qe.MatchValue(_scalar(key, value)))
-    if op == FilterOperator.NE:
-        return qe.FieldCondition(key=key, match=qe.MatchExcept([_scalar(key, value)]))
-    if op == FilterOperator.IN:
-        return qe.FieldCondition(key=key, match=qe.MatchAny(_values(key, value)))
-    if op == FilterOperator.NIN:
-        return qe.FieldCondition(key=key, match=qe.MatchExcept(_values(key, value)))
-    if op in _RANGES:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"filter {key} {op.value} needs a number, got {value!r}")
-        return qe.FieldCondition(key=key, range=qe.RangeFloat(**{_RANGES[op]: float(value)}))
-    if op in (FilterOperator.TEXT_MATCH, FilterOperator.TEXT_MATCH_INSENSITIVE):
-        return qe.FieldCondition(key=key, match=qe.MatchText(str(value)))
-    if op == FilterOperator.IS_EMPTY:
-        return qe.IsEmptyCondition(key)
-    raise NotImplementedError(
-        f"filter operator {op.value} is not supported by QdrantEdgeVectorStore "
-        "(supported: EQ, NE, IN, NIN, GT, GTE, LT, LTE, TEXT_MATCH, IS_EMPTY)"
-    )
-
-
-_RANGES = {
-    FilterOperator.GT: "gt",
-    FilterOperator.GTE: "gte",
-    FilterOperator.LT: "lt",
-    FilterOperator.LTE: "lte",
-}
-
-
-def _scalar(key: str, value: Any) -> str | int:
-    if isinstance(value, (str, int)):
-        return value
-    raise ValueError(f"filter {key}: match needs a string or an integer, got {value!r}")
-
-
-def _values(key: str, value: Any) -> list[str] | list[int]:
-    # A comma-separated string is accepted, as QdrantVectorStore does.
-    values = value if isinstance(value, list) else str(value).split(",")
-    if all(isinstance(v, str) for v in values) or all(isinstance(v, int) for v in values):
-        return list(values)
-    raise ValueError(f"filter {key}: in/nin need all strings or all integers, got {value!r}")

@@ -1,25 +1,41 @@
-"""Build the case index: write adjudicated cases into the configured case memory (the ``index`` command)."""
+"""Build the retrieval indexes (the ``index`` command): adjudicated cases into the case memory, policy documents
+into the policy library. Both are idempotent and take the index's lock for their duration (an Edge shard or a
+qdrant-client local folder cannot be indexed while a running platform has it open)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from retrieval.case_memory import BehaviourEncoder, open_case_memory
 from retrieval.edge_store import QdrantEdgeVectorStore
+from retrieval.policy_documents import load_policy_documents, policy_file_paths
+from retrieval.policy_library import open_policy_library
+from retrieval.stores import NamedVectorStore
+from retrieval.text_vectors import TextEmbedder
 from riskcascade.config import RetrievalSettings
 from riskcascade.domain import AdjudicatedCase
+
+INDEX_EMBEDDING_THREADS: int | None = None
+"""onnxruntime threads of the text embedder while indexing; None = every core. Indexing is a batch job (``up`` runs
+it before Ray starts), and embedding the narratives is nearly all of its time: 42,000 cases took 215 s on one
+thread and 156 s on two (a 2-core machine). Serving keeps ``retrieval.embedding_threads``. Meant to become the
+setting ``retrieval.index_embedding_threads``."""
 
 
 @dataclass(frozen=True)
 class IndexReport:
-    added: int  # cases written in this run (re-written cases included)
-    new: int  # cases that were not in the index before this run
-    total: int  # cases in the index afterwards
+    added: int  # items (cases, policy chunks) written in this run, re-written ones included
+    new: int  # items that were not in the index before this run (negative: more were removed than added)
+    total: int  # items in the index afterwards
     seconds: float
     backend: str
     location: str
+    texts_embedded: int = 0  # texts sent to the text embedder (identical narratives are embedded once)
 
 
 def build_case_index(
@@ -27,29 +43,58 @@ def build_case_index(
     cases: Iterable[AdjudicatedCase],
     encoder: BehaviourEncoder,
     progress: bool = True,
+    embedder: TextEmbedder | None = None,
 ) -> IndexReport:
-    """Write ``cases`` into the case memory ``settings`` describe, creating it if needed.
-
-    Idempotent: a case is stored under an id derived from its case id, so re-running with the same cases leaves
-    the same total. On Edge it then runs the shard's optimizers. Takes the index's lock for the duration (an
-    Edge shard or a qdrant-client local folder cannot be indexed while a running platform has it open).
-    """
+    """Write ``cases`` (behaviour and narrative vectors) into the case memory ``settings`` describe, creating it if
+    needed. Re-running with the same cases leaves the same total. On Edge it then runs the shard's optimizers.
+    ``embedder`` defaults to ``open_index_embedder(settings)``."""
     started = time.perf_counter()
-    with open_case_memory(settings, encoder) as memory:
+    embedder = embedder if embedder is not None else open_index_embedder(settings)
+    with open_case_memory(settings, encoder, embedder=embedder) as memory:
         before = memory.count()
         added = memory.add_cases(cases, batch_size=settings.index_batch_size, progress=progress)
-        if isinstance(memory.vector_store, QdrantEdgeVectorStore):
-            # Edge runs no optimizer on its own. Run it here, in the indexing process, because it holds the GIL
-            # while it works: it merges segments and, once the vectors outgrow Qdrant's indexing threshold
-            # (~10 MB: about 125k 20-d cases), builds HNSW. Below that it returns at once and search stays exact.
-            memory.vector_store.optimize()
+        _optimize(memory.vector_store)
         total = memory.count()
-        backend, location = memory.backend, memory.location
-    return IndexReport(
-        added=added,
-        new=total - before,
-        total=total,
-        seconds=time.perf_counter() - started,
-        backend=backend,
-        location=location,
-    )
+        backend, location, embedded = memory.backend, memory.location, memory.narratives.embedded
+    return IndexReport(added, total - before, total, time.perf_counter() - started, backend, location, embedded)
+
+
+def build_policy_index(
+    settings: RetrievalSettings, progress: bool = True, embedder: TextEmbedder | None = None
+) -> IndexReport:
+    """Chunk, embed and write every policy in ``settings.policy_dir`` into the policy library; chunks of policies
+    no longer in the folder, and stale chunks of changed ones, are removed."""
+    started = time.perf_counter()
+    docs = load_policy_documents(settings.policy_dir)
+    embedder = embedder if embedder is not None else open_index_embedder(settings)
+    with open_policy_library(settings, embedder=embedder) as library:
+        before = library.count()
+        added = library.add_documents(docs, progress=progress, prune=True)
+        _optimize(library.vector_store)
+        total = library.count()
+        backend, location = library.backend, library.location
+    return IndexReport(added, total - before, total, time.perf_counter() - started, backend, location, added)
+
+
+def open_index_embedder(settings: RetrievalSettings) -> TextEmbedder:
+    """The text embedder for indexing: the configured model on ``INDEX_EMBEDDING_THREADS`` threads."""
+    from retrieval.embedding import OnnxMiniLMEmbedding
+
+    threads = INDEX_EMBEDDING_THREADS or os.cpu_count() or settings.embedding_threads
+    return OnnxMiniLMEmbedding(settings.embedding_dir, max(threads, settings.embedding_threads))
+
+
+def policy_dir_digest(policy_dir: Path) -> str:
+    """SHA-256 over the policy files' names and bytes: it changes whenever the indexed policies would."""
+    digest = hashlib.sha256()
+    for path in policy_file_paths(policy_dir):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _optimize(store: NamedVectorStore) -> None:
+    if isinstance(store, QdrantEdgeVectorStore):
+        # Edge runs no optimizer on its own. Run it here, in the indexing process, because it holds the GIL
+        # while it works: it merges segments and, once the vectors outgrow Qdrant's indexing threshold
+        # (~10 MB: about 6k cases with a 384-d narrative vector), builds HNSW. Below that search stays exact.
+        store.optimize()

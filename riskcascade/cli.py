@@ -5,7 +5,7 @@
     riskcascade train    train, calibrate and export the fast model (synthetic data by default)
     riskcascade eval     train on each split of a data set and report quality (metrics, plots)
     riskcascade data     write a built-in data set in the documented format
-    riskcascade index    build the case memory (Qdrant) from the training data; idempotent
+    riskcascade index    build the retrieval indexes (Qdrant): cases and policies; idempotent
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ STOP_TIMEOUT_S = 60.0
 INDEX_MANIFEST = "index-manifest.json"
 
 
-def _settings(config: str | None) -> Settings:
+def _settings(config: str | None, **overrides: object) -> Settings:
     try:
-        return load_settings(config)
+        return load_settings(config, **overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -96,11 +96,28 @@ def _train(settings: Settings, progress: bool, dataset: str = "synthetic") -> No
               help="report folder (default: var/eval/<data set>)")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="stratified splits to draw when the data set has no fixed splits")
+@click.option("--cascade", is_flag=True,
+              help="instead: the served model + reasoner on the escalated cases of the synthetic data's held-out "
+              "split, average precision of the fast model vs the cascade (needs `train` and `index` first)")
+@click.option("--backend", type=click.Choice(["evidence", "llama_cpp", "openai_compatible"]), default=None,
+              help="with --cascade: the reasoning LLM backend (default: llm.backend from the config)")
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
+              help="with --cascade: the held-out split to review")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="with --cascade: review at most this many escalated cases, spread evenly (for slow backends)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def evaluate(config: str | None, dataset: str, out_dir: str | None, repeats: int, quiet: bool) -> None:
-    """Train on each split of a data set; report ROC-AUC, AP, recall at 1%/5% FPR, calibration, and PNG plots."""
+def evaluate(config: str | None, dataset: str, out_dir: str | None, repeats: int, cascade: bool,
+             backend: str | None, split: str, limit: int | None, quiet: bool) -> None:
+    """Train on each split of a data set; report ROC-AUC, AP, recall at 1%/5% FPR, calibration, and PNG plots.
+
+    With --cascade: measure what the reasoner adds on the cases the fast model escalates."""
     from riskcascade.evaluate_model import run_evaluation
 
+    if cascade:
+        _evaluate_cascade(config, dataset, out_dir, backend, split, limit, quiet)
+        return
+    if backend or limit:
+        raise click.UsageError("--backend and --limit apply only with --cascade")
     settings = _settings(config)
     data, _ = _open_dataset(settings, dataset)
     out = Path(out_dir) if out_dir else Path("var/eval") / data.spec.name
@@ -109,6 +126,23 @@ def evaluate(config: str | None, dataset: str, out_dir: str | None, repeats: int
     click.echo(result.report)
     click.echo(f"\n{len(result.per_split)} split(s) in {time.monotonic() - started:.1f} s; wrote "
                + ", ".join(str(f) for f in result.files))
+
+
+def _evaluate_cascade(config: str | None, dataset: str, out_dir: str | None, backend: str | None, split: str,
+                      limit: int | None, quiet: bool) -> None:
+    from riskcascade.evaluate_cascade import run_cascade_evaluation
+
+    if dataset != "synthetic":
+        raise click.UsageError("--cascade evaluates the synthetic data set (its cases carry entities and notes)")
+    overrides = {"llm": {"backend": backend}} if backend else {}
+    settings = _settings(config, **overrides)
+    out = Path(out_dir) if out_dir else Path("var/eval") / f"cascade-{settings.llm.backend}"
+    try:
+        result = run_cascade_evaluation(settings, out, split=split, limit=limit, progress=not quiet)
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"{exc} (run `riskcascade train` and `riskcascade index` first)") from None
+    click.echo(result.report)
+    click.echo("\nwrote " + ", ".join(str(f) for f in result.files))
 
 
 @main.command()
@@ -126,18 +160,64 @@ def data(config: str | None, name: str, folder: str, table_format: str) -> None:
     click.echo(f"wrote {len(dataset)} rows of {name} to {path}")
 
 
+INDEX_PARTS = ("cases", "policies")
+
+
 @main.command()
 @config_option
-@click.option("--quiet", is_flag=True, help="no progress bar")
-def index(config: str | None, quiet: bool) -> None:
-    """Build the case memory from the training data (re-running is idempotent)."""
+@click.option("--only", type=click.Choice(INDEX_PARTS), default=None,
+              help="index only the adjudicated cases or only the policy documents (default: both)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def index(config: str | None, only: str | None, quiet: bool) -> None:
+    """Build the retrieval indexes: adjudicated cases from the training data, policies from retrieval.policy_dir
+    (re-running is idempotent)."""
     settings = _settings(config)
-    _index(settings, progress=not quiet)
+    _index(settings, progress=not quiet, parts=(only,) if only else INDEX_PARTS)
 
 
-def _index(settings: Settings, progress: bool) -> None:
+def _index(settings: Settings, progress: bool, parts: tuple[str, ...] = INDEX_PARTS) -> None:
+    from retrieval.edge_store import EdgeShardLockedError
+    from retrieval.embedding import EmbeddingArtifactNotFoundError
+    from retrieval.indexing import build_case_index, build_policy_index, open_index_embedder
+    from retrieval.policy_documents import PolicyFormatError
+    from retrieval.stores import LegacyEdgeLayoutError
+
+    recorded = _recorded_identity(settings)
+    try:
+        identity = _index_identity(settings)
+        embedder = open_index_embedder(settings.retrieval)
+        for part in parts:
+            if part == "cases":
+                cases, encoder = _cases_to_index(settings)
+                report = build_case_index(settings.retrieval, cases, encoder, progress=progress, embedder=embedder)
+                click.echo(
+                    f"cases: wrote {report.added} ({report.new:+d} new, {report.total} in total), "
+                    f"{report.texts_embedded} distinct narratives embedded, into {report.backend} at "
+                    f"{report.location} in {report.seconds:.1f} s ({report.added / report.seconds:.0f} cases/s)"
+                )
+            else:
+                report = build_policy_index(settings.retrieval, progress=progress, embedder=embedder)
+                click.echo(
+                    f"policies: wrote {report.added} chunks ({report.new:+d} new, {report.total} in total) "
+                    f"from {settings.retrieval.policy_dir} into {report.backend} at {report.location} "
+                    f"in {report.seconds:.1f} s"
+                )
+            recorded[part] = identity[part]
+            _manifest_path(settings).parent.mkdir(parents=True, exist_ok=True)
+            _manifest_path(settings).write_text(json.dumps(recorded, indent=1))
+    except (
+        EmbeddingArtifactNotFoundError,
+        PolicyFormatError,
+        LegacyEdgeLayoutError,
+        EdgeShardLockedError,
+        FileNotFoundError,
+    ) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _cases_to_index(settings: Settings):  # noqa: ANN202 - (cases, BehaviourEncoder); imports stay lazy
     from retrieval.case_memory import BehaviourEncoder
-    from retrieval.indexing import build_case_index
+    from riskcascade.datasets import SPLIT_FILES
     from riskcascade.model_card import load_model_card
     from riskcascade.synthetic import read_events_csv, to_adjudicated_case
 
@@ -145,8 +225,6 @@ def _index(settings: Settings, progress: bool) -> None:
         card = load_model_card(settings.model.dir)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
-    from riskcascade.datasets import SPLIT_FILES
-
     source = settings.data.dir / SPLIT_FILES["train"]
     if not source.exists():
         raise click.ClickException(f"no training data at {source}: run `riskcascade train` first")
@@ -154,33 +232,68 @@ def _index(settings: Settings, progress: bool) -> None:
         cases = [to_adjudicated_case(e) for e in read_events_csv(source)]
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    report = build_case_index(
-        settings.retrieval, cases, BehaviourEncoder.from_model_card(card), progress=progress
-    )
-    _manifest_path(settings).write_text(json.dumps(_index_identity(settings, card.version)))
-    click.echo(
-        f"indexed {report.added} cases ({report.total} in total) into {report.backend} at {report.location} "
-        f"in {report.seconds:.1f} s"
-    )
+    return cases, BehaviourEncoder.from_model_card(card)
 
 
 def _manifest_path(settings: Settings) -> Path:
     return settings.data.dir / INDEX_MANIFEST
 
 
-def _index_identity(settings: Settings, model_version: str) -> dict[str, str]:
+def _index_identity(settings: Settings) -> dict[str, dict[str, str]]:
+    """What each index was built from: when any of it changes, `up` re-indexes that part.
+
+    Cases: the model card (behaviour scaling), the text embedder and the narrative wording; policies: the
+    embedder and the policy files' bytes. Both: where the index lives.
+    """
+    from retrieval.indexing import policy_dir_digest
+    from retrieval.narrative import NARRATIVE_VERSION
+    from retrieval.stores import edge_shard_path
+    from retrieval.text_vectors import embedder_identity
+    from riskcascade.model_card import CARD_FILE, load_model_card
+
     r = settings.retrieval
-    location = (r.qdrant_url or str(r.qdrant_path)) if r.backend == "qdrant" else str(r.edge_path)
-    return {"model_version": model_version, "backend": r.backend, "location": location, "collection": r.collection}
+    embedder = embedder_identity(r.embedding_dir)
+
+    def where(collection: str) -> dict[str, str]:
+        if r.backend == "qdrant":
+            location = r.qdrant_url or str(r.qdrant_path)
+        else:
+            location = str(edge_shard_path(r, collection))
+        return {"backend": r.backend, "location": location, "collection": collection, "embedder": embedder}
+
+    card = settings.model.dir / CARD_FILE
+    return {
+        "cases": {
+            **where(r.collection),
+            "model_version": load_model_card(settings.model.dir).version if card.exists() else "",
+            "narrative_version": str(NARRATIVE_VERSION),
+        },
+        "policies": {**where(r.policy_collection), "policies_sha256": policy_dir_digest(r.policy_dir)},
+    }
 
 
-def _index_is_current(settings: Settings) -> bool:
-    from riskcascade.model_card import load_model_card
-
+def _recorded_identity(settings: Settings) -> dict[str, dict[str, str]]:
+    """The identity the last `index` run recorded, per part ({} when none, or in an older format)."""
     path = _manifest_path(settings)
-    if not path.exists():
-        return False
-    return json.loads(path.read_text()) == _index_identity(settings, load_model_card(settings.model.dir).version)
+    try:
+        recorded = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {part: recorded[part] for part in INDEX_PARTS if isinstance(recorded.get(part), dict)}
+
+
+def _stale_index_parts(settings: Settings) -> tuple[str, ...]:
+    """The parts (cases, policies) whose index is missing or was built from something else."""
+    from retrieval.embedding import EmbeddingArtifactNotFoundError
+
+    try:
+        identity = _index_identity(settings)
+    except EmbeddingArtifactNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    recorded = _recorded_identity(settings)
+    return tuple(part for part in INDEX_PARTS if recorded.get(part) != identity[part])
 
 
 @main.command()
@@ -195,9 +308,12 @@ def up(config: str | None, quiet: bool) -> None:
     if not (settings.model.dir / CARD_FILE).exists():
         click.echo(f"no model at {settings.model.dir}: training one (riskcascade train)")
         _train(settings, progress=not quiet)
-    if not _index_is_current(settings):
-        click.echo("case memory missing or built for another model: indexing (riskcascade index)")
-        _index(settings, progress=not quiet)
+    if stale := _stale_index_parts(settings):
+        click.echo(
+            f"retrieval index of {' and '.join(stale)} missing or built from another model, embedder or policy "
+            "text: indexing (riskcascade index)"
+        )
+        _index(settings, progress=not quiet, parts=stale)
     from orchestrator.platform import PlatformError, run_platform
 
     try:

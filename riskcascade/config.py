@@ -127,8 +127,21 @@ class RetrievalSettings(_Section):
     )
     qdrant_api_key: str | None = Field(None, description="API key for a Qdrant server")
     collection: str = Field("adjudicated_cases", description="collection of adjudicated cases")
+    policy_collection: str = Field("risk_policies", description="collection of chunked policy documents")
+    policy_dir: Path = Field(
+        Path("retrieval/policies"), description="folder of policy documents (one Markdown file per risk type)"
+    )
     top_k: int = Field(10, ge=1, le=100, description="similar cases retrieved per escalated event")
+    narrative_top_k: int = Field(5, ge=0, le=100, description="cases retrieved by narrative text; 0 = none")
+    policy_top_k: int = Field(4, ge=1, le=50, description="policy chunks retrieved per escalated event")
+    entity_history_limit: int = Field(
+        20, ge=0, le=500, description="past cases per entity the structured data agent reads; 0 = none"
+    )
     index_batch_size: int = Field(512, ge=1, description="points written per upsert by the index command")
+    embedding_dir: Path = Field(
+        Path("var/embedding"), description="exported text embedding model (make embedding writes it)"
+    )
+    embedding_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads of the text embedder")
 
     @model_validator(mode="after")
     def _qdrant_target(self) -> "RetrievalSettings":
@@ -177,7 +190,8 @@ class MergeSettings(_Section):
 
 
 class ReasonerSettings(_Section):
-    """The embedded evidence-weighted reasoner (documented in services/reasoning/evidence_rule.py)."""
+    """The evidence-weighted reasoner (services/reasoning/evidence_weighing.py): the default LLM backend, and
+    the evidence score the reflection step checks every backend's verdict against."""
 
     prior_weight: float = Field(
         2.0, ge=0, description="pseudo-count the fast score weighs against retrieved cases"
@@ -186,7 +200,77 @@ class ReasonerSettings(_Section):
     approve_at: float = Field(0.3, ge=0, le=1, description="posterior fraud share below which to APPROVE")
     min_similarity: float = Field(0.0, ge=-1, le=1, description="cases less similar than this are ignored")
     min_cases: int = Field(3, ge=0, description="fewer usable cases than this gives low confidence")
-    policy_version: str = Field("evidence-rule-1", description="version stamped on reasoner verdicts")
+    history_weight: float = Field(1.0, ge=0, description="trust in the account's own past cases (log-odds share)")
+    neighbour_weight: float = Field(
+        0.2, ge=0, description="trust in the cases of other accounts on a shared device, IP or instrument"
+    )
+    similar_weight: float = Field(0.3, ge=0, description="trust in cases of similar behaviour")
+    narrative_weight: float = Field(0.1, ge=0, description="trust in cases with a similar narrative")
+    neighbour_links: tuple[str, ...] = Field(
+        ("device_id", "ip", "payment_instrument_id"),
+        description="entity fields whose other accounts count as graph neighbours (a seller links too many)",
+    )
+    policy_version: str = Field("case-review-1", description="version stamped on reasoner verdicts")
+
+
+class LLMSettings(_Section):
+    """The reasoning step's language model (services/reasoning/llm/). Every backend fills the same schema."""
+
+    backend: Literal["evidence", "llama_cpp", "openai_compatible"] = Field(
+        "evidence",
+        description="evidence = the embedded evidence-weighted reasoner; llama_cpp = a local GGUF model; "
+        "openai_compatible = any OpenAI-compatible endpoint",
+    )
+    model_path: Path | None = Field(
+        None, description="GGUF file for llama_cpp; empty = SmolLM2-135M-Instruct from the `llm` extra"
+    )
+    context_tokens: int = Field(4096, ge=512, description="llama_cpp context window")
+    threads: int = Field(2, ge=1, description="llama_cpp CPU threads")
+    base_url: str | None = Field(None, description="openai_compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    api_key: str = Field("not-needed", description="openai_compatible API key (local servers ignore it)")
+    model: str = Field("local", description="model name sent to an openai_compatible endpoint")
+    max_output_tokens: int = Field(
+        256, ge=16, le=4096, description="answer length cap; an answer cut here counts as looping"
+    )
+    temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature (0 = greedy)")
+    timeout_s: float = Field(
+        30.0, gt=0, description="longest a model call may take; the request budget can cut it shorter"
+    )
+    schema_format: Literal["json_schema", "json_object"] = Field(
+        "json_schema",
+        description="how an openai_compatible request carries the JSON schema: json_schema = OpenAI structured "
+        "outputs (vLLM, Ollama, Ray Serve LLM); json_object = {type: json_object, schema} (llama-cpp-python's server)",
+    )
+    repeat_penalty: float = Field(
+        1.1, ge=1.0, description="llama_cpp penalty on tokens already generated; 1.1 keeps small models from looping"
+    )
+    max_prompt_evidence: int = Field(
+        0, ge=0, description="evidence items shown to the model, taken in turn from each kind; 0 = all (right for "
+        "the evidence backend; a small local model needs ~12 to fit its context and answer in seconds)",
+    )
+    max_prompt_chars: int = Field(
+        600, ge=50, description="longest free-text field quoted into a prompt; longer text is cut and marked"
+    )
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "LLMSettings":
+        if self.backend == "openai_compatible" and not self.base_url:
+            raise ValueError("backend=openai_compatible needs base_url")
+        return self
+
+
+class ReflectionSettings(_Section):
+    """When the reflection step revises a verdict (services/reasoning/reflection.py)."""
+
+    block_needs_fraud_evidence: int = Field(
+        1, ge=0, description="BLOCK must cite at least this many fraud cases or fraud neighbours, else REVIEW"
+    )
+    disagreement: float = Field(
+        0.35, ge=0, le=1, description="verdict and evidence score this far apart: downgrade to REVIEW"
+    )
+    min_confidence: float = Field(
+        0.3, ge=0, le=1, description="an APPROVE/BLOCK less confident than this becomes REVIEW"
+    )
 
 
 class StoreSettings(_Section):
@@ -221,6 +305,8 @@ class Settings(BaseSettings):
     escalation: EscalationSettings = EscalationSettings()
     merge: MergeSettings = MergeSettings()
     reasoner: ReasonerSettings = ReasonerSettings()
+    llm: LLMSettings = LLMSettings()
+    reflection: ReflectionSettings = ReflectionSettings()
     store: StoreSettings = StoreSettings()
     tracing: TracingSettings = TracingSettings()
 

@@ -72,12 +72,21 @@ class ReasonCode:
 
 @dataclass(frozen=True)
 class Evidence:
-    id: str
-    kind: str
+    id: str  # what a verdict cites: "case:<id>", "history:<id>", "neighbour:<id>", "policy:<chunk id>"
+    kind: str  # similar_case | narrative_case | entity_history | neighbour_case | policy
     similarity: float
-    outcome: Outcome
+    outcome: Outcome | None  # None for evidence that is not a past case (a policy passage)
     risk_type: str = ""
     summary: str = ""
+
+
+@dataclass(frozen=True)
+class ReasoningStep:
+    """One step the reasoner ran for a case, recorded on the decision."""
+
+    name: str  # plan | structured_data | similar_cases | policy_search | reasoning | reflection
+    outcome: str  # one line: what the step found or did
+    duration_ms: float
 
 
 @dataclass(frozen=True)
@@ -140,8 +149,9 @@ class ReasonerVerdict:
     rationale: str
     reasons: tuple[ReasonCode, ...]
     evidence: tuple[Evidence, ...]
-    steps: tuple[str, ...]  # which reasoning steps ran, in order
+    steps: tuple[ReasoningStep, ...]  # which reasoning steps ran, in order
     policy_version: str
+    backend: str = ""  # the LLM backend of the reasoning step (evidence | llama_cpp | openai_compatible)
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,9 @@ class Decision:
     fast_score: float = 0.0
     scorer_provider: str = ""
     replayed: bool = False
+    reasoning_steps: tuple[ReasoningStep, ...] = ()
+    rationale: str = ""
+    reasoner_backend: str = ""
 
 
 @dataclass(frozen=True)
@@ -188,4 +201,5 @@ class AdjudicatedCase:
     risk_type: str = ""
     entities: Entities | None = None
     occurred_at: datetime | None = None
-    summary: str = ""
+    summary: str = ""  # one plain-language line about the case, outcome included, for people and prompts
+    text: dict[str, str] = field(default_factory=dict)  # the event's free-text fields (e.g. note), as received

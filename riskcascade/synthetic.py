@@ -431,34 +431,19 @@ def to_adjudicated_case(e: LabelledEvent) -> AdjudicatedCase:
         entities=e.entities,
         occurred_at=e.occurred_at,
         summary=_summary(e),
+        text={NOTE_FIELD: e.note} if e.note else {},
     )
 
 
-SHARED_ENTITY_SUMMARY_MIN_ACCOUNTS = 3  # "shared device / IP" in summaries from this many accounts
+NOTE_FIELD = "note"  # the free-text field of RiskEvent.text the generator's notes travel in
 
 
 def _summary(e: LabelledEvent) -> str:
-    f = e.features
-    what = e.event_type.value.replace("_", " ")
-    if f["amount"] > 0:
-        what += f" {f['amount']:.2f}"
-    parts = [f"{what} from {f['account_age_days']:.0f}-day-old account"]
-    if f["device_account_count"] >= SHARED_ENTITY_SUMMARY_MIN_ACCOUNTS:
-        parts.append(f"on device shared by {f['device_account_count']:.0f} accounts")
-    if f["ip_account_count"] >= SHARED_ENTITY_SUMMARY_MIN_ACCOUNTS:
-        parts.append(f"on IP shared by {f['ip_account_count']:.0f} accounts")
-    new_device, new_ip = f["new_device"] == 1, f["new_ip"] == 1
-    if new_device and new_ip:
-        parts.append("new device and IP")
-    elif new_device or new_ip:
-        parts.append("new device" if new_device else "new IP")
-    if f["failed_logins_24h"] > 0:
-        parts.append(f"{f['failed_logins_24h']:.0f} failed login" + ("s" if f["failed_logins_24h"] > 1 else ""))
-    if f["password_reset_recent"] == 1:
-        parts.append("after password reset")
-    if f["promo_used"] == 1:
-        parts.append("promo used")
-    if e.event_type is EventType.REVIEW:
-        parts.append(f"{f['review_rating']:.0f}-star review of {f['review_length']:.0f} chars")
+    """Display line: the event's facts with exact numbers (``retrieval.narrative.feature_facts``), then the verdict.
+
+    The narrative a case is embedded by uses the same phrases, rounded and without the verdict.
+    """
+    from retrieval.narrative import feature_facts  # riskcascade does not import retrieval at module level
+
     verdict = f"fraud ({e.risk_type})" if e.label else "legitimate"
-    return ", ".join(parts) + f"; {verdict}"
+    return ", ".join(feature_facts(e.event_type, e.features, precise=True)) + f"; {verdict}"

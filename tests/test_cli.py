@@ -1,5 +1,7 @@
 """The riskcascade command's error paths: clear messages and non-zero exits, never a traceback."""
 
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from riskcascade.cli import main
@@ -36,3 +38,74 @@ def test_up_refuses_to_start_twice(tmp_path):
     cfg.write_text(f"server:\n  pid_file: {pid_file}\n")
     result = CliRunner().invoke(main, ["up", "--config", str(cfg)])
     assert result.exit_code != 0 and "already running" in result.output
+
+
+# -- index: the indexing `up` runs on first start, on a small data set ---------------------------------------------
+
+
+def _small_platform(tmp_path):
+    """A model card and training data as `riskcascade train` leaves them (no model file is needed to index)."""
+    import shutil
+
+    import numpy as np
+
+    from riskcascade.model_card import (
+        CalibrationSpec, FeatureScaling, ModelCard, OnnxSpec, Thresholds, write_model_card,
+    )
+    from riskcascade.synthetic import FEATURE_NAMES, generate_events, write_events_csv
+
+    events = generate_events(300, seed=4)
+    write_events_csv(tmp_path / "data" / "train.csv", events)
+    x = np.array([[e.features[f] for f in FEATURE_NAMES] for e in events])
+    (tmp_path / "model").mkdir()
+    write_model_card(tmp_path / "model", ModelCard(
+        version="cli-test", created_at="2025-01-01T00:00:00Z", feature_names=list(FEATURE_NAMES),
+        feature_descriptions={f: f for f in FEATURE_NAMES}, calibration=CalibrationSpec(a=1.0, b=0.0),
+        thresholds=Thresholds(band_low=0.1, band_high=0.9, target_escalation_share=0.1),
+        onnx=OnnxSpec(parity_max_abs_diff=0.0),
+        feature_scaling=FeatureScaling(mean=x.mean(axis=0).tolist(), std=x.std(axis=0).tolist()),
+    ))
+    shutil.copytree(Path(__file__).resolve().parent.parent / "retrieval" / "policies", tmp_path / "policies")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model:\n  dir: {tmp_path / 'model'}\ndata:\n  dir: {tmp_path / 'data'}\n"
+        f"retrieval:\n  edge_path: {tmp_path / 'edge'}\n  policy_dir: {tmp_path / 'policies'}\n"
+        f"  embedding_dir: {Path(__file__).resolve().parent.parent / 'var' / 'embedding'}\n"
+    )
+    return cfg, len(events)
+
+
+def test_index_builds_cases_and_policies_idempotently(tmp_path):
+    from riskcascade.cli import _stale_index_parts
+    from riskcascade.config import load_settings
+
+    cfg, n_events = _small_platform(tmp_path)
+    settings = load_settings(cfg)
+    assert _stale_index_parts(settings) == ("cases", "policies")  # what `up` would index on first start
+    first = CliRunner().invoke(main, ["index", "--config", str(cfg), "--quiet"])
+    assert first.exit_code == 0, first.output
+    assert f"cases: wrote {n_events} (+{n_events} new, {n_events} in total)" in first.output
+    assert "policies: wrote 38 chunks (+38 new, 38 in total)" in first.output
+    assert _stale_index_parts(settings) == ()
+    again = CliRunner().invoke(main, ["index", "--config", str(cfg), "--quiet"])
+    assert again.exit_code == 0 and f"(+0 new, {n_events} in total)" in again.output and "(+0 new, 38" in again.output
+
+    policy = tmp_path / "policies" / "collusion.md"
+    policy.write_text(policy.read_text() + "\n")
+    assert _stale_index_parts(settings) == ("policies",)  # a policy edit re-indexes the policies only
+    only = CliRunner().invoke(main, ["index", "--config", str(cfg), "--quiet", "--only", "policies"])
+    assert only.exit_code == 0 and "cases:" not in only.output and "policies: wrote 38" in only.output
+    assert _stale_index_parts(settings) == ()
+    assert sorted(p.name for p in (tmp_path / "edge").iterdir()) == ["adjudicated_cases", "risk_policies"]
+
+
+def test_index_reports_bad_policies_and_the_old_edge_layout_cleanly(tmp_path):
+    from retrieval.edge_store import QdrantEdgeVectorStore
+
+    cfg, _ = _small_platform(tmp_path)
+    (tmp_path / "policies" / "broken.md").write_text("no front matter\n")
+    bad = CliRunner().invoke(main, ["index", "--config", str(cfg), "--quiet", "--only", "policies"])
+    assert bad.exit_code != 0 and "broken.md: does not start" in bad.output and "Traceback" not in bad.output
+    QdrantEdgeVectorStore(tmp_path / "edge", 4).close()  # edge_path itself a shard: the layout before this one
+    old = CliRunner().invoke(main, ["index", "--config", str(cfg), "--quiet", "--only", "cases"])
+    assert old.exit_code != 0 and "rm -r" in old.output and "Traceback" not in old.output

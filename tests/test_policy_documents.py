@@ -1,8 +1,9 @@
 """The policy knowledge base (retrieval/policies/*.md) is well-formed for chunking, retrieval and citation.
 
-Each document is parsed the way the reasoner's pipeline sees it: YAML front matter, then ``##`` sections that are
-chunked on their own. The checks tie the prose to the code, so that renaming a feature, adding a risk type or
-reusing a rule id breaks this test instead of silently leaving the reasoner with stale policy text.
+Each document is parsed the way the reasoner's pipeline sees it (``retrieval.policy_documents``, what the policy
+library indexes): YAML front matter, then ``##`` sections that are chunked on their own. The checks tie the prose to
+the code, so that renaming a feature, adding a risk type or reusing a rule id breaks this test instead of silently
+leaving the reasoner with stale policy text.
 """
 
 from __future__ import annotations
@@ -11,95 +12,26 @@ import dataclasses
 import datetime
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
+from retrieval.policy_library import ACTIONS_BY_SEVERITY, PolicyDocument, parse_policy
 from riskcascade.domain import RISK_TYPES, Entities
 from riskcascade.synthetic import FEATURE_NAMES
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "retrieval" / "policies"
 FRONT_MATTER_KEYS = {"policy_id", "risk_type", "version", "title", "allowed_actions"}
-ACTIONS_BY_SEVERITY = ("APPROVE", "REVIEW", "BLOCK")
 REQUIRED_SECTIONS = ("Signals", "Thresholds", "Required evidence", "Legitimate look-alikes", "Actions")
 MIN_WORDS, MAX_WORDS = 400, 800
 KNOWN_IDENTIFIERS = frozenset(FEATURE_NAMES) | {f.name for f in dataclasses.fields(Entities)}
 
-FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
-POLICY_ID = re.compile(r"^POL-([A-Z]+)$")
-SECTION_HEADING = re.compile(r"^## (.+)$", re.M)
 BACKTICKED = re.compile(r"`([^`\n]+)`")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 FEATURE_LIKE = re.compile(r"^[a-z][a-z0-9_]*$")
-RULE_DEFINITION = re.compile(r"^- \*\*([A-Z]+-\d+)\*\* ")
 BOLD_RULE_ID = re.compile(r"\*\*([A-Z]+-\d+)\*\*")
 RULE_REFERENCE = re.compile(r"\b([A-Z]+-\d+)\b")
 ACTION_WORD = re.compile(r"\b(APPROVE|REVIEW|BLOCK)\b")
-
-
-@dataclass(frozen=True)
-class Rule:
-    rule_id: str
-    section: str
-    text: str  # the whole list item, continuation lines joined
-
-
-@dataclass(frozen=True)
-class PolicyDocument:
-    path: Path
-    front: dict
-    body: str
-    sections: dict[str, str]  # heading -> text under it, up to the next ``##``
-    rules: tuple[Rule, ...]
-
-    @property
-    def short(self) -> str:
-        match = POLICY_ID.match(str(self.front.get("policy_id", "")))
-        return match.group(1) if match else ""
-
-
-def _list_items(section_text: str) -> list[str]:
-    """Markdown list items, each with its indented continuation lines joined by spaces."""
-    items: list[str] = []
-    in_item = False
-    for line in section_text.splitlines():
-        if line.startswith("- "):
-            items.append(line)
-            in_item = True
-        elif in_item and line.startswith("  ") and line.strip():
-            items[-1] += " " + line.strip()
-        else:
-            in_item = False  # a blank or unindented line ends the item
-    return items
-
-
-def parse_policy(path: Path) -> PolicyDocument:
-    text = path.read_text(encoding="utf-8")
-    match = FRONT_MATTER.match(text)
-    if match is None:
-        raise AssertionError(f"{path.name}: does not start with a '---' YAML front matter block")
-    front = yaml.safe_load(match.group(1))
-    if not isinstance(front, dict):
-        raise AssertionError(f"{path.name}: front matter is not a mapping")
-    body = text[match.end() :]
-    headings = list(SECTION_HEADING.finditer(body))
-    sections: dict[str, str] = {}
-    for i, heading in enumerate(headings):
-        end = headings[i + 1].start() if i + 1 < len(headings) else len(body)
-        name = heading.group(1).strip()
-        if name in sections:
-            raise AssertionError(f"{path.name}: section '## {name}' appears twice")
-        sections[name] = body[heading.end() : end]
-    rules = tuple(
-        Rule(m.group(1), name, item)
-        for name, section_text in sections.items()
-        for item in _list_items(section_text)
-        if (m := RULE_DEFINITION.match(item))
-    )
-    return PolicyDocument(path, front, body, sections, rules)
-
 
 POLICY_PATHS = sorted(p for p in POLICY_DIR.glob("*.md") if p.name != "README.md")
 DOCUMENTS = [parse_policy(p) for p in POLICY_PATHS]

@@ -12,13 +12,14 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
-from llama_index.core.schema import TextNode
+from llama_index.core.schema import MetadataMode, TextNode
 from llama_index.core.vector_stores.types import (
     FilterCondition,
     FilterOperator,
@@ -38,13 +39,19 @@ from retrieval.case_memory import (
     node_to_case,
     open_case_memory,
 )
+from retrieval.case_nodes import case_narrative
 from retrieval.edge_store import EdgeShardLockedError, QdrantEdgeVectorStore, edge_point_id
+from retrieval.embedding import OnnxMiniLMEmbedding
 from retrieval.indexing import build_case_index
+from retrieval.narrative import event_narrative
+from retrieval.stores import LegacyEdgeLayoutError
 from riskcascade.config import RetrievalSettings
 from riskcascade.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome
 from riskcascade.model_card import CalibrationSpec, FeatureScaling, ModelCard, OnnxSpec, Thresholds
+from riskcascade.synthetic import FEATURE_NAMES, generate_events, to_adjudicated_case
 
 BACKENDS = ["edge", "qdrant"]
+ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "var" / "embedding"  # `make embedding` exports it
 N_CASES = 300
 FEATURES = [f"f{i:02d}" for i in range(12)]
 EVENT_TYPES = list(EventType)
@@ -74,18 +81,19 @@ def make_cases(n: int, seed: int) -> list[AdjudicatedCase]:
                 else Entities(account_id=f"acct-{i % 50}", device_id=f"dev-{i % 30}", ip=f"10.0.0.{i % 200}"),
                 occurred_at=start + timedelta(minutes=i) if i % 5 else None,
                 summary=f"case {i}: {'fraud' if fraud else 'legitimate'} with ünïcode",
+                text={"note": f"note {i % 4}: ünïcode"} if i % 3 else {},
             )
         )
     return cases
 
 
-def model_card_for(cases: list[AdjudicatedCase]) -> ModelCard:
-    x = np.array([[c.features[f] for f in FEATURES] for c in cases])
+def model_card_for(cases: list[AdjudicatedCase], features: list[str] = FEATURES) -> ModelCard:
+    x = np.array([[c.features[f] for f in features] for c in cases])
     return ModelCard(
         version="test",
         created_at="2024-03-01T00:00:00Z",
-        feature_names=FEATURES,
-        feature_descriptions={f: f for f in FEATURES},
+        feature_names=list(features),
+        feature_descriptions={f: f for f in features},
         calibration=CalibrationSpec(a=1.0, b=0.0),
         thresholds=Thresholds(band_low=0.1, band_high=0.9, target_escalation_share=0.1),
         onnx=OnnxSpec(parity_max_abs_diff=0.0),
@@ -110,6 +118,7 @@ def settings_for(backend: str, root: Path, **overrides) -> RetrievalSettings:
         qdrant_path=root / "local",
         collection="cases_test",
         index_batch_size=64,
+        embedding_dir=ARTIFACT_DIR,
         **overrides,
     )
 
@@ -303,7 +312,8 @@ def test_edge_shard_reopened_from_disk_keeps_its_points(tmp_path, cases, encoder
         assert memory.similar_cases(cases[3].features, top_k=5) == before
         # payload indexes were created on the shard and persist with it
         schema = memory.vector_store.client.info().payload_schema
-        assert {"case_id", "outcome", "risk_type", "event_type", "doc_id"} <= set(schema)
+        assert {"case_id", "outcome", "risk_type", "event_type", "doc_id", "occurred_at", "ip"} <= set(schema)
+        assert memory.location == str(tmp_path / "edge" / "cases_test")  # one shard folder per collection
 
 
 def test_edge_shard_is_locked_by_a_second_store_in_this_process(tmp_path, encoder):
@@ -436,11 +446,245 @@ def test_edge_store_add_delete_and_rebuild_nodes(tmp_path):
         assert store.count() == 3
 
 
+# -- narratives -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedder() -> OnnxMiniLMEmbedding:
+    if not (ARTIFACT_DIR / "manifest.json").is_file():
+        pytest.fail(f"no embedding artefact in {ARTIFACT_DIR}: run `make embedding`", pytrace=False)
+    return OnnxMiniLMEmbedding(ARTIFACT_DIR)
+
+
+@pytest.fixture(scope="module")
+def stories() -> list[AdjudicatedCase]:
+    """Synthetic marketplace cases: real feature names and notes, so narratives say something (some repeat)."""
+    return [to_adjudicated_case(e) for e in generate_events(400, seed=3)]
+
+
+@pytest.fixture(scope="module")
+def story_encoder(stories) -> BehaviourEncoder:
+    return BehaviourEncoder.from_model_card(model_card_for(stories, list(FEATURE_NAMES)))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def told(request, tmp_path_factory, stories, story_encoder, embedder) -> CaseMemory:
+    """One memory of the synthetic stories per backend."""
+    root = tmp_path_factory.mktemp(f"stories-{request.param}")
+    memory = open_case_memory(settings_for(request.param, root), story_encoder, embedder=embedder)
+    memory.add_cases(stories, batch_size=64)
+    yield memory
+    memory.close()
+
+
+def brute_force_narratives(embedder, cases, text, top_k, keep=lambda c: True) -> list[tuple[str, float]]:
+    pool = [c for c in cases if keep(c)]
+    vectors = embedder.embed([case_narrative(c) for c in pool])
+    sims = vectors @ embedder.embed([text])[0]
+    order = sorted(range(len(pool)), key=lambda i: (-sims[i], pool[i].case_id))[:top_k]
+    return [(pool[i].case_id, float(sims[i])) for i in order]
+
+
+def test_case_node_keeps_free_text_and_narrative(stories, story_encoder):
+    case = next(c for c in stories if c.text)
+    node = case_to_node(case, story_encoder.encode(case.features))
+    assert node.metadata["narrative"] == case_narrative(case) and node_to_case(node).text == case.text
+    assert "fraud" not in node.metadata["narrative"] and case.text["note"] in node.metadata["narrative"]
+    # neither features nor free text reach an LLM through the node's own rendering
+    assert "narrative" not in node.get_content(metadata_mode=MetadataMode.LLM)
+
+
+def test_a_narrative_finds_its_case_and_ranks_like_brute_force(told, stories, embedder):
+    assert told.count() == len(stories)
+    for case in stories[::53]:
+        text = case_narrative(case)
+        hits = told.similar_narratives(text, top_k=6)
+        assert {h.via for h in hits} == {"narrative"}
+        assert hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+        assert case_narrative(hits[0].case) == text  # the case itself, or one told the same way
+        expected = brute_force_narratives(embedder, stories, text, 6)
+        assert [h.similarity for h in hits] == pytest.approx([s for _, s in expected], abs=1e-5)
+        assert [h.case.case_id for h in hits] == [cid for cid, _ in expected]
+
+
+def test_narrative_query_of_an_unseen_event(told, stories, embedder):
+    event = to_adjudicated_case(generate_events(300, seed=8)[17])
+    text = event_narrative(event.event_type, event.features, event.text)
+    hits = told.similar_narratives(text, top_k=5, event_type=event.event_type, exclude_case_ids=[stories[0].case_id])
+    assert len(hits) == 5 and {h.case.event_type for h in hits} == {event.event_type}
+    expected = brute_force_narratives(embedder, stories, text, 5, keep=lambda c: c.event_type == event.event_type)
+    assert [h.case.case_id for h in hits] == [cid for cid, _ in expected]
+    assert told.similar_narratives(text, top_k=0) == []
+
+
+def test_identical_narratives_tie_and_break_by_case_id(told, stories):
+    counts = Counter(case_narrative(c) for c in stories)
+    text, n = counts.most_common(1)[0]
+    assert n >= 3, "the fixture should hold a narrative told several times"
+    hits = told.similar_narratives(text, top_k=n - 1)  # the cut falls inside the tie
+    same = sorted(c.case_id for c in stories if case_narrative(c) == text)
+    assert [h.case.case_id for h in hits] == same[: n - 1]
+
+
+def test_behaviour_and_narrative_search_agree_across_backends(tmp_path, stories, story_encoder, embedder):
+    queries = [to_adjudicated_case(e) for e in generate_events(240, seed=21)[:12]]
+    with open_case_memory(settings_for("edge", tmp_path), story_encoder, embedder=embedder) as edge, \
+            open_case_memory(settings_for("qdrant", tmp_path), story_encoder, embedder=embedder) as local:
+        edge.add_cases(stories, batch_size=100)
+        local.add_cases(stories, batch_size=100)
+        for i, query in enumerate(queries):
+            kwargs = {"event_type": query.event_type} if i % 2 else {"exclude_case_ids": [stories[5].case_id]}
+            text = event_narrative(query.event_type, query.features, query.text)
+            for a, b in (
+                (edge.similar_narratives(text, 8, **kwargs), local.similar_narratives(text, 8, **kwargs)),
+                (edge.similar_cases(query.features, 8, **kwargs), local.similar_cases(query.features, 8, **kwargs)),
+            ):
+                assert ids_and_sims(a)[0] == ids_and_sims(b)[0]
+                assert ids_and_sims(a)[1] == pytest.approx(ids_and_sims(b)[1], abs=1e-5)
+
+
+def test_both_backends_store_the_same_payload(tmp_path, stories, story_encoder, embedder):
+    some = stories[:25]
+    ids = [case_node_id(c.case_id) for c in some]
+    with open_case_memory(settings_for("edge", tmp_path), story_encoder, embedder=embedder) as edge, \
+            open_case_memory(settings_for("qdrant", tmp_path), story_encoder, embedder=embedder) as local:
+        edge.add_cases(some, batch_size=10)
+        local.add_cases(some, batch_size=10)
+        edge_payloads = {str(r.id): r.payload for r in edge.vector_store.client.retrieve(ids, True, False)}
+        local_payloads = {
+            str(r.id): r.payload
+            for r in local.vector_store.client.retrieve(local.vector_store.collection_name, ids, with_payload=True)
+        }
+    assert len(edge_payloads) == len(some) and edge_payloads == local_payloads
+
+
+# -- entity history ---------------------------------------------------------------------------------------------
+
+
+def recent_first(cases, field, value, limit, exclude=()) -> list[str]:
+    """What cases_with_entity should return, by brute force."""
+    mine = [c for c in cases if c.entities is not None and getattr(c.entities, field) == value]
+    mine.sort(key=lambda c: c.case_id)
+    mine.sort(key=lambda c: (c.occurred_at is not None, c.occurred_at or datetime.min.replace(tzinfo=timezone.utc)),
+              reverse=True)
+    return [c.case_id for c in mine if c.case_id not in exclude][:limit]
+
+
+@pytest.mark.parametrize("field", ["account_id", "device_id", "ip", "payment_instrument_id", "seller_id"])
+def test_cases_with_entity_most_recent_first(told, stories, field):
+    values = Counter(getattr(c.entities, field) for c in stories if getattr(c.entities, field))
+    for value, _ in values.most_common(3):
+        for limit in (1, 3, 50):
+            got = told.cases_with_entity(field, value, limit)
+            assert [c.case_id for c in got] == recent_first(stories, field, value, limit)
+            assert all(getattr(c.entities, field) == value for c in got)
+        newest = told.cases_with_entity(field, value, 1)[0].case_id
+        rest = told.cases_with_entity(field, value, 2, exclude_case_ids=[newest])
+        assert [c.case_id for c in rest] == recent_first(stories, field, value, 2, exclude=[newest])
+
+
+def history_cases() -> list[AdjudicatedCase]:
+    """One account's cases with tied times and missing times, out of order, among other accounts' cases."""
+    at = datetime(2025, 3, 1, tzinfo=timezone.utc)
+    times = [at, at + timedelta(hours=1), None, at + timedelta(hours=1), at, None, at + timedelta(hours=2), at]
+    mine = [
+        AdjudicatedCase(
+            case_id=f"hist-{i:02d}",
+            event_type=EventType.LOGIN,
+            features={"f00": float(i)},
+            outcome=Outcome.LEGITIMATE,
+            entities=Entities(account_id="acct-x", device_id=f"dev-{i % 2}"),
+            occurred_at=when,
+        )
+        for i, when in enumerate(times)
+    ]
+    # the same instant written with another offset is the same time
+    mine.append(replace(mine[1], case_id="hist-08", occurred_at=(at + timedelta(hours=1)).astimezone(
+        timezone(timedelta(hours=5)))))
+    others = [replace(c, case_id=f"other-{i}", entities=Entities(account_id="acct-y")) for i, c in enumerate(mine)]
+    return mine + others
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entity_history_breaks_ties_by_case_id_and_puts_undated_last(backend, tmp_path, encoder, embedder):
+    cases = history_cases()
+    with open_case_memory(settings_for(backend, tmp_path), encoder, embedder=embedder) as memory:
+        memory.add_cases(cases, batch_size=4)
+        for limit in range(1, 12):
+            got = [c.case_id for c in memory.cases_with_entity("account_id", "acct-x", limit)]
+            assert got == recent_first(cases, "account_id", "acct-x", limit)
+        assert [c.case_id for c in memory.cases_with_entity("account_id", "acct-x", 4)] == [
+            "hist-06", "hist-01", "hist-03", "hist-08"
+        ]
+        excluded = memory.cases_with_entity("account_id", "acct-x", 3, exclude_case_ids=["hist-06", "hist-03"])
+        assert [c.case_id for c in excluded] == ["hist-01", "hist-08", "hist-00"]
+        assert memory.cases_with_entity("account_id", "acct-x", 0) == []
+        assert memory.cases_with_entity("device_id", "", 5) == []  # no entity is not an entity
+        assert memory.cases_with_entity("account_id", "acct-nobody", 5) == []
+
+
+def test_neighbour_cases_leave_the_account_itself_out(told, stories):
+    busiest = Counter(c.entities.ip for c in stories).most_common(1)[0][0]
+    accounts = Counter(c.entities.account_id for c in stories if c.entities.ip == busiest)
+    account = accounts.most_common(1)[0][0]
+    others = [c for c in stories if c.entities.account_id != account]
+    got = told.cases_with_entity("ip", busiest, 5, other_than_account=account)
+    assert [c.case_id for c in got] == recent_first(others, "ip", busiest, 5)
+    assert got and all(c.entities.account_id != account for c in got)
+
+
+def test_cases_with_entity_rejects_other_fields(told):
+    with pytest.raises(ValueError, match="'email'"):
+        told.cases_with_entity("email", "a@b.c", 5)
+    with pytest.raises(ValueError, match="'event_type'"):
+        told.cases_with_entity("event_type", "login", 5)
+
+
+# -- stores -----------------------------------------------------------------------------------------------------
+
+
+def test_edge_store_with_several_vectors(tmp_path):
+    nodes = [_node(i) for i in range(20)]
+    extra = [{"other": [1.0, float(i)]} for i in range(20)]
+    with QdrantEdgeVectorStore(tmp_path / "shard", 3, extra_vectors={"other": 2}) as store:
+        assert store.vector_names == ("behaviour", "other")
+        store.add(nodes, named_vectors=extra)
+        by_default = store.query(VectorStoreQuery(query_embedding=nodes[4].embedding, similarity_top_k=1))
+        by_other = store.query(VectorStoreQuery(query_embedding=[1.0, 19.0], similarity_top_k=1), vector_name="other")
+        assert by_default.ids == ["n4"] and by_other.ids == ["n19"]
+        with pytest.raises(ValueError, match="no vector 'nope'"):
+            store.query(VectorStoreQuery(query_embedding=[1.0, 0.0], similarity_top_k=1), vector_name="nope")
+        with pytest.raises(ValueError, match="unknown extra vectors"):
+            store.add(nodes[:1], named_vectors=[{"nope": [1.0]}])
+        assert store.count(MetadataFilters(filters=[MetadataFilter(key="i", value=3, operator=FilterOperator.LT)])) == 3
+    # the shard holds both vectors: opening it as a single-vector shard is refused
+    with pytest.raises(ValueError, match="does not match the requested vectors"):
+        QdrantEdgeVectorStore(tmp_path / "shard", 3)
+
+
+def test_legacy_single_shard_edge_path_is_refused(tmp_path, encoder, embedder):
+    QdrantEdgeVectorStore(tmp_path / "edge", encoder.dimension).close()  # the old layout: edge_path is the shard
+    with pytest.raises(LegacyEdgeLayoutError, match="rm -r"):
+        open_case_memory(settings_for("edge", tmp_path), encoder, embedder=embedder)
+
+
+def test_qdrant_local_mode_shares_its_folder_between_collections(tmp_path, encoder, embedder, cases):
+    settings = settings_for("qdrant", tmp_path)
+    other = settings.model_copy(update={"collection": "cases_other"})
+    with open_case_memory(settings, encoder, embedder=embedder) as first:
+        with open_case_memory(other, encoder, embedder=embedder) as second:
+            first.add_cases(cases[:5], batch_size=5)
+            second.add_cases(cases[:3], batch_size=5)
+        assert first.count() == 5  # closing the second did not close the shared client
+    with open_case_memory(other, encoder, read_only=True, embedder=embedder) as again:
+        assert again.count() == 3
+
+
 # -- a real Qdrant server ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.qdrant_server
-def test_against_a_real_qdrant_server(tmp_path, cases, encoder):
+def test_against_a_real_qdrant_server(tmp_path, stories, story_encoder, embedder):
     url = os.environ.get("QDRANT_URL")
     if not url:
         pytest.skip("set QDRANT_URL to run against a real Qdrant server")
@@ -449,21 +693,31 @@ def test_against_a_real_qdrant_server(tmp_path, cases, encoder):
         qdrant_url=url,
         qdrant_api_key=os.environ.get("QDRANT_API_KEY"),
         collection=f"riskcascade_test_{uuid.uuid4().hex[:12]}",
+        embedding_dir=ARTIFACT_DIR,
     )
-    server = open_case_memory(settings, encoder)
+    server = open_case_memory(settings, story_encoder, embedder=embedder)
     try:
-        server.add_cases(cases, batch_size=100)
-        server.add_cases(cases, batch_size=100)
-        assert server.count() == N_CASES
-        with open_case_memory(settings_for("edge", tmp_path), encoder) as edge:
-            edge.add_cases(cases, batch_size=100)
-            for query in make_cases(5, seed=5):
-                for kwargs in ({}, {"event_type": query.event_type}, {"exclude_case_ids": [cases[0].case_id]}):
-                    a = ids_and_sims(server.similar_cases(query.features, top_k=10, **kwargs))
-                    b = ids_and_sims(edge.similar_cases(query.features, top_k=10, **kwargs))
-                    assert a[0] == b[0] and a[1] == pytest.approx(b[1], abs=1e-4)
-        own = server.similar_cases(cases[9].features, top_k=1)[0]
-        assert own.case == cases[9] and own.similarity == pytest.approx(1.0, abs=1e-6)
+        server.add_cases(stories, batch_size=100)
+        server.add_cases(stories, batch_size=100)
+        assert server.count() == len(stories)
+        with open_case_memory(settings_for("edge", tmp_path), story_encoder, embedder=embedder) as edge:
+            edge.add_cases(stories, batch_size=100)
+            for query in [to_adjudicated_case(e) for e in generate_events(240, seed=5)[:5]]:
+                text = event_narrative(query.event_type, query.features, query.text)
+                for kwargs in ({}, {"event_type": query.event_type}, {"exclude_case_ids": [stories[0].case_id]}):
+                    for search, arg in ((CaseMemory.similar_cases, query.features),
+                                        (CaseMemory.similar_narratives, text)):
+                        a = ids_and_sims(search(server, arg, 10, **kwargs))
+                        b = ids_and_sims(search(edge, arg, 10, **kwargs))
+                        assert a[0] == b[0] and a[1] == pytest.approx(b[1], abs=1e-5)
+                account = query.entities.account_id if query.entities else ""
+                for field, value in (("account_id", account), ("ip", stories[3].entities.ip)):
+                    assert server.cases_with_entity(field, value, 5) == edge.cases_with_entity(field, value, 5)
+        own = server.similar_cases(stories[9].features, top_k=1)[0]
+        assert own.case == stories[9] and own.similarity == pytest.approx(1.0, abs=1e-6)
+        # the server was given payload indexes for every filtered key (local mode ignores them)
+        schema = server.vector_store.client.get_collection(settings.collection).payload_schema
+        assert {"case_id", "event_type", "account_id", "ip", "occurred_at", "doc_id"} <= set(schema)
     finally:
         server.vector_store.client.delete_collection(settings.collection)
         server.close()

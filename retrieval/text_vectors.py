@@ -1,0 +1,79 @@
+"""Text vectors for retrieval: the embedder interface the case memory and the policy library use, and a cache that
+embeds each distinct text once while indexing."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from riskcascade.config import RetrievalSettings
+
+EMBEDDING_CACHE_ENTRIES = 50_000
+"""Texts an ``EmbeddingCache`` keeps (384 float32 each: ~77 MB). Past it the cache starts afresh: indexing stays
+correct, only repeated texts may be embedded again."""
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """What retrieval needs of a text embedder (``retrieval.embedding.OnnxMiniLMEmbedding`` is one)."""
+
+    @property
+    def dimension(self) -> int: ...
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length vectors, one float32 row per text, in order; a text's vector does not depend on the batch."""
+        ...
+
+
+def open_text_embedder(settings: RetrievalSettings) -> TextEmbedder:
+    """The configured text embedder: MiniLM from ``settings.embedding_dir`` on ``embedding_threads`` threads."""
+    from retrieval.embedding import OnnxMiniLMEmbedding  # loads onnxruntime: only when a text embedder is wanted
+
+    return OnnxMiniLMEmbedding(settings.embedding_dir, settings.embedding_threads)
+
+
+class EmbeddingCache:
+    """Embeds texts, each distinct text once: repeated texts (and texts seen in earlier calls) reuse the vector.
+
+    Valid because the embedder gives a text the same vector whatever batch it comes in.
+    """
+
+    def __init__(self, embedder: TextEmbedder, max_entries: int = EMBEDDING_CACHE_ENTRIES):
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.embedder = embedder
+        self.max_entries = max_entries
+        self.embedded = 0  # texts sent to the embedder
+        self.reused = 0  # texts answered from the cache (or from an identical text in the same call)
+        self._vectors: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """One float32 row per text, in order."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        fresh = dict(zip(missing, self.embedder.embed(missing))) if missing else {}
+        self.embedded += len(missing)
+        self.reused += len(texts) - len(missing)
+        out = np.empty((len(texts), self.embedder.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            out[row] = fresh[text] if text in fresh else self._vectors[text]
+        if len(self._vectors) + len(fresh) > self.max_entries:
+            self._vectors.clear()
+        self._vectors.update(list(fresh.items())[: self.max_entries])
+        return out
+
+
+def embedder_identity(embedding_dir: Path) -> str:
+    """Names the exported embedder: its model and a digest of its manifest (which records the export's checksums
+    and probe vectors), so a re-export or another model reads as a different embedder."""
+    from retrieval.embedding import MANIFEST_FILE, EmbeddingManifest
+
+    manifest = EmbeddingManifest.load(Path(embedding_dir))  # raises, naming `make embedding`, when missing
+    digest = hashlib.sha256((Path(embedding_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
+    return f"{manifest.model}@{digest[:MANIFEST_DIGEST_CHARS]}"
+
+
+MANIFEST_DIGEST_CHARS = 16  # 64 bits of the manifest's SHA-256: plenty to tell exports apart
