@@ -5,7 +5,6 @@ qdrant-client local folder cannot be indexed while a running platform has it ope
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,12 +18,6 @@ from retrieval.stores import NamedVectorStore
 from retrieval.text_vectors import TextEmbedder
 from riskcascade.config import RetrievalSettings
 from riskcascade.domain import AdjudicatedCase
-
-INDEX_EMBEDDING_THREADS: int | None = None
-"""onnxruntime threads of the text embedder while indexing; None = every core. Indexing is a batch job (``up`` runs
-it before Ray starts), and embedding the narratives is nearly all of its time: 42,000 cases took 215 s on one
-thread and 156 s on two (a 2-core machine). Serving keeps ``retrieval.embedding_threads``. Meant to become the
-setting ``retrieval.index_embedding_threads``."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +40,12 @@ def build_case_index(
 ) -> IndexReport:
     """Write ``cases`` (behaviour and narrative vectors) into the case memory ``settings`` describe, creating it if
     needed. Re-running with the same cases leaves the same total. On Edge it then runs the shard's optimizers.
-    ``embedder`` defaults to ``open_index_embedder(settings)``."""
+
+    Embedding the narratives is most of the time: writing 42,000 synthetic cases (38,099 distinct narratives) took
+    150-165 s on one onnxruntime thread of a 2-core machine (173 s without deduplication, 175 s on two threads),
+    then Edge's optimizer ~30 s (it builds HNSW for both vectors at that size).
+    """
     started = time.perf_counter()
-    embedder = embedder if embedder is not None else open_index_embedder(settings)
     with open_case_memory(settings, encoder, embedder=embedder) as memory:
         before = memory.count()
         added = memory.add_cases(cases, batch_size=settings.index_batch_size, progress=progress)
@@ -66,7 +62,6 @@ def build_policy_index(
     no longer in the folder, and stale chunks of changed ones, are removed."""
     started = time.perf_counter()
     docs = load_policy_documents(settings.policy_dir)
-    embedder = embedder if embedder is not None else open_index_embedder(settings)
     with open_policy_library(settings, embedder=embedder) as library:
         before = library.count()
         added = library.add_documents(docs, progress=progress, prune=True)
@@ -74,14 +69,6 @@ def build_policy_index(
         total = library.count()
         backend, location = library.backend, library.location
     return IndexReport(added, total - before, total, time.perf_counter() - started, backend, location, added)
-
-
-def open_index_embedder(settings: RetrievalSettings) -> TextEmbedder:
-    """The text embedder for indexing: the configured model on ``INDEX_EMBEDDING_THREADS`` threads."""
-    from retrieval.embedding import OnnxMiniLMEmbedding
-
-    threads = INDEX_EMBEDDING_THREADS or os.cpu_count() or settings.embedding_threads
-    return OnnxMiniLMEmbedding(settings.embedding_dir, max(threads, settings.embedding_threads))
 
 
 def policy_dir_digest(policy_dir: Path) -> str:

@@ -176,9 +176,19 @@ class PolicyLibrary:
 
     def chunks(self) -> list[PolicyChunk]:
         """Every stored chunk, by policy id then position in the document."""
-        nodes = self.vector_store.scroll_nodes()
-        nodes.sort(key=lambda n: (n.metadata["policy_id"], n.metadata["position"]))
-        return [node_to_chunk(n) for n in nodes]
+        return _in_order(self.vector_store.scroll_nodes())
+
+    def chunks_with_rules(self, rule_ids: Sequence[str]) -> list[PolicyChunk]:
+        """The chunks defining any of ``rule_ids`` (e.g. to check and quote the rules a verdict cites), in order;
+        an id no policy defines finds nothing."""
+        if isinstance(rule_ids, str):
+            raise TypeError("rule_ids must be a sequence of rule ids, not one string")
+        if not rule_ids:
+            return []
+        wanted = MetadataFilters(
+            filters=[MetadataFilter(key="rule_ids", value=list(rule_ids), operator=FilterOperator.IN)]
+        )
+        return _in_order(self.vector_store.scroll_nodes(wanted))
 
     def documents(self) -> dict[str, PolicyDocument]:
         """The indexed policies by risk type, rebuilt from their chunks (the text as indexed, not the files)."""
@@ -206,6 +216,11 @@ class PolicyLibrary:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _in_order(nodes: list[BaseNode]) -> list[PolicyChunk]:
+    nodes = sorted(nodes, key=lambda n: (n.metadata["policy_id"], n.metadata["position"]))
+    return [node_to_chunk(n) for n in nodes]
 
 
 def _rebuild(parts: list[PolicyChunk]) -> PolicyDocument:

@@ -15,6 +15,7 @@ from riskcascade.config import RetrievalSettings
 EMBEDDING_CACHE_ENTRIES = 50_000
 """Texts an ``EmbeddingCache`` keeps (384 float32 each: ~77 MB). Past it the cache starts afresh: indexing stays
 correct, only repeated texts may be embedded again."""
+MANIFEST_DIGEST_CHARS = 16  # 64 bits of the manifest's SHA-256: plenty to tell exports apart
 
 
 @runtime_checkable
@@ -74,6 +75,3 @@ def embedder_identity(embedding_dir: Path) -> str:
     manifest = EmbeddingManifest.load(Path(embedding_dir))  # raises, naming `make embedding`, when missing
     digest = hashlib.sha256((Path(embedding_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
     return f"{manifest.model}@{digest[:MANIFEST_DIGEST_CHARS]}"
-
-
-MANIFEST_DIGEST_CHARS = 16  # 64 bits of the manifest's SHA-256: plenty to tell exports apart

@@ -78,6 +78,7 @@ def run_cascade_evaluation(
             [ScoreRequest.of(e.case_id, e.event_type, e.entities, dict(e.features)) for e in chunk]
         )
     escalated = [i for i, f in enumerate(fast) if band.route(f.score, budget_ms, 0).route is Route.ESCALATE]
+    n_escalated = len(escalated)
     if limit is not None and limit < len(escalated):
         # A stratified-free, deterministic subsample: every k-th escalated case in file order.
         step = len(escalated) / limit
@@ -109,7 +110,7 @@ def run_cascade_evaluation(
             loop.close()
     finally:
         service.close()
-    figures = _figures(rows, settings, split, len(events), band)
+    figures = _figures(rows, settings, split, len(events), n_escalated, band)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = _report(figures)
     (out_dir / "report.md").write_text(report + "\n")
@@ -117,7 +118,7 @@ def run_cascade_evaluation(
     return CascadeEvaluation(report, figures, (out_dir / "report.md", out_dir / "report.json"))
 
 
-def _figures(rows: list[dict[str, Any]], settings: Settings, split: str, n_events: int,
+def _figures(rows: list[dict[str, Any]], settings: Settings, split: str, n_events: int, n_escalated: int,
              band: EscalationPolicy) -> dict[str, Any]:
     labels = np.array([r["label"] for r in rows], dtype=int)
     actions = Counter(r["action"] for r in rows)
@@ -129,7 +130,8 @@ def _figures(rows: list[dict[str, Any]], settings: Settings, split: str, n_event
         "backend": settings.llm.backend,
         "events": n_events,
         "band": [band.band_low, band.band_high],
-        "escalated_cases": len(rows),
+        "escalated_cases": n_escalated,
+        "reviewed_cases": len(rows),
         "fraud_share": float(labels.mean()) if rows else 0.0,
         "ap_fast": _ap(labels, np.array([r["fast"] for r in rows])),
         "ap_cascade": _ap(labels, np.array([r["cascade"] for r in rows])),
@@ -150,8 +152,8 @@ def _report(f: dict[str, Any]) -> str:
     return "\n".join([
         f"# Cascade on escalated cases ({f['split']} split, backend {f['backend']})",
         "",
-        f"{f['escalated_cases']} of {f['events']} events escalated (band [{f['band'][0]:.3f}, {f['band'][1]:.3f})), "
-        f"{f['fraud_share']:.1%} fraud.",
+        f"{f['escalated_cases']} of {f['events']} events escalated (band [{f['band'][0]:.3f}, {f['band'][1]:.3f})); "
+        f"{f['reviewed_cases']} reviewed by the reasoner, {f['fraud_share']:.1%} of them fraud.",
         "",
         "| score on escalated cases | average precision |",
         "|---|---|",

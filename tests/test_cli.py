@@ -109,3 +109,14 @@ def test_index_reports_bad_policies_and_the_old_edge_layout_cleanly(tmp_path):
     QdrantEdgeVectorStore(tmp_path / "edge", 4).close()  # edge_path itself a shard: the layout before this one
     old = CliRunner().invoke(main, ["index", "--config", str(cfg), "--quiet", "--only", "cases"])
     assert old.exit_code != 0 and "rm -r" in old.output and "Traceback" not in old.output
+
+
+def test_eval_cascade_options_are_checked(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  dir: {tmp_path / 'no-model'}\ndata:\n  dir: {tmp_path / 'no-data'}\n")
+    alone = CliRunner().invoke(main, ["eval", "--config", str(cfg), "--backend", "llama_cpp"])
+    assert alone.exit_code == 2 and "only with --cascade" in alone.output
+    yelp = CliRunner().invoke(main, ["eval", "--config", str(cfg), "--cascade", "--dataset", "yelpchi"])
+    assert yelp.exit_code == 2 and "synthetic" in yelp.output
+    missing = CliRunner().invoke(main, ["eval", "--config", str(cfg), "--cascade", "--quiet"])
+    assert missing.exit_code == 1 and "riskcascade train" in missing.output

@@ -162,6 +162,13 @@ def test_passages_carry_the_chunk_payload(library, documents):
     assert hit.rule_ids and all(f"**{rule}**" in hit.text for rule in hit.rule_ids)
 
 
+def test_chunks_with_rules_find_where_a_cited_rule_is_defined(library):
+    found = library.chunks_with_rules(["ATO-3", "BRUSH-8", "ATO-1", "NOPE-1"])
+    assert [c.chunk_id for c in found] == ["POL-ATO#thresholds-1", "POL-BRUSH#required-evidence-1"]
+    assert all("**ATO-3**" in c.text or "**BRUSH-8**" in c.text for c in found)
+    assert library.chunks_with_rules(["NOPE-1"]) == [] and library.chunks_with_rules([]) == []
+
+
 def test_documents_and_allowed_actions_come_back_from_the_index(library, documents):
     stored = library.documents()
     assert set(stored) == set(RISK_TYPES)
@@ -227,6 +234,9 @@ def test_policies_live_beside_the_case_memory(backend, tmp_path, embedder, docum
         assert memory.count() == 0 and library.count() > 0
     if backend == "edge":
         assert sorted(p.name for p in (tmp_path / "edge").iterdir()) == ["cases_test", "policies_test"]
+        with open_policy_library(settings, read_only=True, embedder=embedder) as library:
+            schema = library.vector_store.client.info().payload_schema
+            assert {"chunk_id", "policy_id", "risk_type", "section", "rule_ids", "doc_id"} <= set(schema)
 
 
 def test_backends_return_the_same_passages(tmp_path, embedder, documents):

@@ -26,10 +26,6 @@ class Findings:
     items: tuple[EvidenceItem, ...]
     outcome: str  # one line for the decision's step record
 
-    @property
-    def fraud_count(self) -> int:
-        return sum(1 for item in self.items if item.is_fraud)
-
 
 def _case_item(kind: str, case: AdjudicatedCase, similarity: float = 0.0, link: str = "") -> EvidenceItem:
     return EvidenceItem(
@@ -71,18 +67,20 @@ class StructuredDataAgent:
             value = entities.get(link, "")
             if not value:
                 continue
-            for case in self._memory.cases_with_entity(link, value, self._limit, exclude_case_ids=exclude):
-                other_account = case.entities.account_id if case.entities is not None else ""
-                if case.case_id in seen or other_account == account:
+            # The account's own cases are left out inside the engine, so a busy account still gets ``limit``.
+            others = self._memory.cases_with_entity(
+                link, value, self._limit, exclude_case_ids=exclude, other_than_account=account or None
+            )
+            for case in others:
+                if case.case_id in seen:
                     continue
                 seen.add(case.case_id)
                 neighbours += 1
                 items.append(_case_item(EvidenceKind.NEIGHBOUR_CASE, case, link=link))
-        found = Findings(tuple(items), "")
         hist_fraud = sum(1 for i in items if i.kind == EvidenceKind.ENTITY_HISTORY and i.is_fraud)
-        nb_fraud = found.fraud_count - hist_fraud
+        nb_fraud = sum(1 for i in items if i.kind == EvidenceKind.NEIGHBOUR_CASE and i.is_fraud)
         return Findings(
-            found.items,
+            tuple(items),
             f"account history {len(history)} cases ({hist_fraud} fraud); "
             f"neighbours {neighbours} cases ({nb_fraud} fraud)",
         )
@@ -110,11 +108,10 @@ class SimilarCaseAgent:
             if r.case.case_id not in seen:  # a case found both ways is cited once, as a behaviour match
                 seen.add(r.case.case_id)
                 items.append(_case_item(EvidenceKind.NARRATIVE_CASE, r.case, r.similarity))
-        found = Findings(tuple(items), "")
+        fraud = sum(1 for i in items if i.is_fraud)
         return Findings(
-            found.items,
-            f"{len(behaviour)} by behaviour, {len(items) - len(behaviour)} more by narrative; "
-            f"{found.fraud_count} fraud",
+            tuple(items),
+            f"{len(behaviour)} by behaviour, {len(items) - len(behaviour)} more by narrative; {fraud} fraud",
         )
 
 
