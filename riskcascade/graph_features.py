@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 LINK_STATS = ("mean", "max", "min", "std")  # per link; min and std added 0.006 ROC-AUC on YelpChi over mean+max
 _STAT_WORDS = {"mean": "Mean", "max": "Highest", "min": "Lowest", "std": "Spread (std) of"}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llama_index.core.llms import LLM
 from workflows import Context, Workflow, step
@@ -163,8 +163,7 @@ class CaseReviewWorkflow(Workflow):
         got = ctx.collect_events(ev, [StructuredDataTask, StructuredDataFound, SimilarCasesFound])
         if got is None:
             return None
-        planned, structured, similar = got
-        assert isinstance(planned, StructuredDataTask)
+        planned, structured, similar = got  # in the order asked for
         case_items = structured.found + similar.found
         started = time.perf_counter()
         with span("reasoner.policy_search", carrier=planned.carrier) as current:
@@ -295,6 +294,4 @@ def _fallback(case: CaseFile, request: ReasoningRequest, failure: str, cfg: Case
 
 
 def _with_steps(verdict: ReasonerVerdict, steps: tuple[ReasoningStep, ...]) -> ReasonerVerdict:
-    from dataclasses import replace
-
     return replace(verdict, steps=steps)
