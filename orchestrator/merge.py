@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.policy import Route, RoutingDecision
+from riskcascade.config import MergeSettings
 from riskcascade.domain import Action, EventType, FastScore, ReasonCode, ReasonerVerdict, ReasoningStep, Stage
 
 
@@ -29,6 +30,11 @@ class MergeRules:
     min_reasoner_confidence: float
     failure_action: dict[EventType, Action]
     undecided_action: Action
+
+    @classmethod
+    def from_settings(cls, settings: MergeSettings) -> MergeRules:
+        return cls(settings.fast_weight, settings.min_reasoner_confidence, dict(settings.failure_action),
+                   settings.undecided_action)
 
 
 @dataclass(frozen=True)

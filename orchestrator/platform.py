@@ -119,7 +119,7 @@ async def run_platform(settings: Settings) -> None:
 
     from orchestrator.cascade import Cascade, CascadeVersions
     from orchestrator.merge import MergeRules
-    from orchestrator.policy import EscalationPolicy
+    from orchestrator.policy import escalation_policy
     from orchestrator.server import DecisionServer
     from orchestrator.servicer import DecisionServicer
     from orchestrator.stages import ServeReasonerStage, ServeScorerStage
@@ -145,18 +145,12 @@ async def run_platform(settings: Settings) -> None:
         reasoner = ServeReasonerStage(serve.get_app_handle(settings.ray.reasoner_app))
         info = await scorer.info(INFO_TIMEOUT_S)
         esc = settings.escalation
-        policy = EscalationPolicy(
-            band_low=esc.band_low if esc.band_low is not None else info.band_low,
-            band_high=esc.band_high if esc.band_high is not None else info.band_high,
-            min_reasoner_budget_ms=esc.min_reasoner_budget_ms,
-            max_in_flight=esc.max_in_flight,
-        )
-        m = settings.merge
+        policy = escalation_policy(esc, info.band_low, info.band_high)
         cascade = Cascade(
             scorer,
             reasoner,
             policy,
-            MergeRules(m.fast_weight, m.min_reasoner_confidence, dict(m.failure_action), m.undecided_action),
+            MergeRules.from_settings(settings.merge),
             CascadeVersions(info.model_version, esc.policy_version, info.feature_names),
             settings.server.reserve_ms,
         )

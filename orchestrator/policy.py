@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from riskcascade.config import EscalationSettings
+
 
 class Route(str, enum.Enum):
     APPROVE = "approve"  # score below the band
@@ -59,3 +61,13 @@ class EscalationPolicy:
                 f"({in_flight} of {self.max_in_flight} escalations running)",
             )
         return RoutingDecision(Route.ESCALATE, f"uncertain score {score:.3f} inside the band")
+
+
+def escalation_policy(settings: EscalationSettings, model_band_low: float, model_band_high: float) -> EscalationPolicy:
+    """The configured policy; an empty band edge in the settings takes the model card's."""
+    return EscalationPolicy(
+        band_low=settings.band_low if settings.band_low is not None else model_band_low,
+        band_high=settings.band_high if settings.band_high is not None else model_band_high,
+        min_reasoner_budget_ms=settings.min_reasoner_budget_ms,
+        max_in_flight=settings.max_in_flight,
+    )

@@ -27,12 +27,12 @@ from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
 from orchestrator.merge import MergeRules, merge
-from orchestrator.policy import EscalationPolicy, Route
+from orchestrator.policy import EscalationPolicy, Route, escalation_policy
 from riskcascade.config import Settings
 from riskcascade.datasets import SPLIT_FILES
-from riskcascade.domain import Action, ReasoningRequest, RiskEvent, ScoreRequest
+from riskcascade.domain import Action, ReasoningRequest, ScoreRequest
 from riskcascade.model_card import load_model_card
-from riskcascade.synthetic import NOTE_FIELD, LabelledEvent, read_events_csv
+from riskcascade.synthetic import read_events_csv, to_risk_event
 
 SCORING_BATCH = 256
 
@@ -42,11 +42,6 @@ class CascadeEvaluation:
     report: str
     figures: dict[str, Any]
     files: tuple[Path, ...]
-
-
-def _risk_event(e: LabelledEvent) -> RiskEvent:
-    return RiskEvent(e.case_id, e.event_type, e.entities, dict(e.features), {NOTE_FIELD: e.note} if e.note else {},
-                     e.occurred_at)
 
 
 def _ap(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -62,13 +57,7 @@ def run_cascade_evaluation(
 
     events = read_events_csv(settings.data.dir / SPLIT_FILES[split])
     card = load_model_card(settings.model.dir)
-    band = EscalationPolicy(
-        band_low=settings.escalation.band_low if settings.escalation.band_low is not None else card.thresholds.band_low,
-        band_high=settings.escalation.band_high if settings.escalation.band_high is not None
-        else card.thresholds.band_high,
-        min_reasoner_budget_ms=0.0,
-        max_in_flight=1,
-    )
+    band = escalation_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high)
     model = FastModel(settings.model.dir, threads=settings.model.onnx_threads, reason_count=settings.model.reason_count,
                       prefer_gpu=False)
     fast = []
@@ -77,14 +66,15 @@ def run_cascade_evaluation(
         fast += model.score_batch(
             [ScoreRequest.of(e.case_id, e.event_type, e.entities, dict(e.features)) for e in chunk]
         )
-    escalated = [i for i, f in enumerate(fast) if band.route(f.score, budget_ms, 0).route is Route.ESCALATE]
+    # Offline, one case at a time with the whole budget: only the band decides what is escalated.
+    routes = [band.route(f.score, budget_ms, 0) for f in fast]
+    escalated = [i for i, r in enumerate(routes) if r.route is Route.ESCALATE]
     n_escalated = len(escalated)
     if limit is not None and limit < len(escalated):
         # A stratified-free, deterministic subsample: every k-th escalated case in file order.
         step = len(escalated) / limit
         escalated = [escalated[int(k * step)] for k in range(limit)]
-    rules = MergeRules(settings.merge.fast_weight, settings.merge.min_reasoner_confidence,
-                       dict(settings.merge.failure_action), settings.merge.undecided_action)
+    rules = MergeRules.from_settings(settings.merge)
     service = open_reasoning_service(settings)
     rows: list[dict[str, Any]] = []
     try:
@@ -94,10 +84,9 @@ def run_cascade_evaluation(
                           disable=not progress):
                 e, f = events[i], fast[i]
                 started = time.perf_counter()
-                verdict = loop.run_until_complete(service.review(ReasoningRequest(_risk_event(e), f, budget_ms)))
+                verdict = loop.run_until_complete(service.review(ReasoningRequest(to_risk_event(e), f, budget_ms)))
                 seconds = time.perf_counter() - started
-                routing = band.route(f.score, budget_ms, 0)
-                merged = merge(rules, f, routing, verdict)
+                merged = merge(rules, f, routes[i], verdict)
                 rows.append({
                     "case_id": e.case_id, "label": e.label, "risk_type": e.risk_type, "fast": f.score,
                     "reasoner": verdict.score, "cascade": merged.risk_score, "action": merged.action.value,

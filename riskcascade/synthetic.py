@@ -72,7 +72,7 @@ from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 
-from riskcascade.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome
+from riskcascade.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome, RiskEvent
 from riskcascade.synthetic_fraud import FRAUD_PATTERNS, TWIN_EVENT_RATIO, legit_twins
 from riskcascade.synthetic_marketplace import (
     DRAWN_FEATURES,
@@ -418,6 +418,12 @@ def read_events_csv(path: str | Path) -> list[LabelledEvent]:
 
 
 # --- Case memory ---------------------------------------------------------------------------------------------
+
+
+def to_risk_event(e: LabelledEvent) -> RiskEvent:
+    """The event as the platform receives it: same id, entities, features and note; the label stays behind."""
+    return RiskEvent(e.case_id, e.event_type, e.entities, dict(e.features), {NOTE_FIELD: e.note} if e.note else {},
+                     e.occurred_at)
 
 
 def to_adjudicated_case(e: LabelledEvent) -> AdjudicatedCase:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,9 @@ from retrieval.policy_documents import load_policy_documents
 from retrieval.policy_library import open_policy_library
 from riskcascade.config import LLMSettings, ReasonerSettings, ReflectionSettings, RetrievalSettings
 from riskcascade.domain import Action, FastScore, Outcome, ReasoningRequest, RiskEvent
-from riskcascade.synthetic import FEATURE_NAMES, NOTE_FIELD, generate_events, split_events, to_adjudicated_case
+from riskcascade.synthetic import (
+    FEATURE_NAMES, NOTE_FIELD, generate_events, split_events, to_adjudicated_case, to_risk_event,
+)
 from services.reasoning.agents import PolicyAgent, SimilarCaseAgent, StructuredDataAgent
 from services.reasoning.evidence_weighing import weigh
 from services.reasoning.llm.base import FINISH_REASON, LENGTH, STOP
@@ -66,8 +69,7 @@ def knowledge(request, tmp_path_factory, data):
 
 
 def risk_event(e, note: str | None = None) -> RiskEvent:
-    return RiskEvent(e.case_id, e.event_type, e.entities, dict(e.features),
-                     {NOTE_FIELD: e.note if note is None else note}, e.occurred_at)
+    return to_risk_event(e if note is None else replace(e, note=note))
 
 
 def request_for(e, score: float = 0.5, note: str | None = None, budget_ms: float = 30_000) -> ReasoningRequest:
