@@ -16,9 +16,9 @@ EVENT_TYPES = {
 
 
 def decide_request(event: LabelledEvent, request_id: str) -> pb.DecideRequest:
-    """The request a trust service would send for ``event`` (its label, of course, stays behind)."""
+    """The request a trust service would send for ``event`` at its time (its label, of course, stays behind)."""
     en = event.entities
-    return pb.DecideRequest(
+    request = pb.DecideRequest(
         request_id=request_id,
         event=pb.Event(
             type=EVENT_TYPES[event.event_type.value],
@@ -28,3 +28,5 @@ def decide_request(event: LabelledEvent, request_id: str) -> pb.DecideRequest:
             text={NOTE_FIELD: event.note},
         ),
     )
+    request.event.occurred_at.FromDatetime(event.occurred_at)
+    return request

@@ -72,7 +72,8 @@ class Cascade:
         t = time.monotonic()
         try:
             fast = await self._scorer.score(
-                ScoreRequest.of(event.request_id, event.event_type, event.entities, event.features),
+                ScoreRequest.of(event.request_id, event.event_type, event.entities, event.features,
+                                occurred_at=event.occurred_at),
                 self._budget_s(deadline),
             )
         except StageError as exc:
@@ -147,6 +148,7 @@ class Cascade:
             reasoning_steps=merged.reasoning_steps,
             rationale=merged.rationale,
             reasoner_backend=merged.reasoner_backend,
+            state_features=dict(fast.state_features) if fast else {},
         )
 
 

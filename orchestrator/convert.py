@@ -54,6 +54,7 @@ def decision_to_proto(d: Decision) -> pb.Decision:
         ],
         rationale=d.rationale,
         reasoner_backend=d.reasoner_backend,
+        state_features=d.state_features,
     )
     msg.decided_at.FromDatetime(d.decided_at)
     return msg

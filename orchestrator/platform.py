@@ -118,6 +118,7 @@ async def run_platform(settings: Settings) -> None:
     from ray import serve  # noqa: F401 - imported after the environment is set
 
     from orchestrator.cascade import Cascade, CascadeVersions
+    from orchestrator.feedback import FeedbackFanout
     from orchestrator.merge import MergeRules
     from orchestrator.policy import escalation_policy
     from orchestrator.server import DecisionServer
@@ -165,7 +166,8 @@ async def run_platform(settings: Settings) -> None:
             feature_names=list(info.feature_names),
             retrieval_backend=settings.retrieval.backend,
         )
-        servicer = DecisionServicer(cascade, store, info.feature_names, settings.server, service_info)
+        feedback = FeedbackFanout(scorer, reasoner, settings.server.feedback_timeout_ms / 1000.0)
+        servicer = DecisionServicer(cascade, store, info.feature_names, settings.server, service_info, feedback)
         server = DecisionServer(servicer, settings.server.host, settings.server.port)
         await server.start()
         _write_state(settings, server.port, info, policy)

@@ -1,5 +1,9 @@
 """The risk.v1.DecisionService servicer: protobuf in, cascade, persist, protobuf out. Thin on purpose.
 
+Every decision row records the event as decided (time stamped with the arrival time when the caller sent none).
+Feedback is persisted, then fanned out to the entity state and the case memory (``FeedbackFanout``) so the next
+decision sees it; if that fails the caller gets UNAVAILABLE and a retry with the same feedback_id applies it again.
+
 Idempotency on request_id: a stored decision is replayed (``replayed=true``) when the retried request is the
 same, refused with ALREADY_EXISTS when it differs; concurrent duplicates wait for the first one's answer
 instead of deciding twice. Every decision is persisted before it is returned; if it cannot be persisted the
@@ -9,20 +13,31 @@ caller gets UNAVAILABLE, never an unrecorded decision.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import Collection
+from datetime import datetime
 
 import grpc
 
-from orchestrator.cascade import Cascade
+from orchestrator.cascade import Cascade, StageError
 from orchestrator.convert import decision_to_proto
+from orchestrator.feedback import FeedbackFanout
 from orchestrator.errors import ApiError, api_error, grpc_status
 from orchestrator.store import DecisionRecord, DecisionStore, FeedbackRecord, StoreClosedError, utc_now
 from orchestrator.validation import InvalidField, to_feedback, to_risk_event, validate_id
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
 from riskcascade.config import ServerSettings
+from riskcascade.domain import Outcome
+
+
+class _AnyFeature:
+    """Every name is a known feature: a recorded event was validated against the model that decided it."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
 
 
 def fingerprint(message) -> str:
@@ -37,8 +52,10 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         known_features: Collection[str],
         settings: ServerSettings,
         info: pb.ServiceInfo,
+        feedback: FeedbackFanout | None = None,
     ):
         self._cascade = cascade
+        self._feedback = feedback
         self._store = store
         self._features = frozenset(known_features)
         self._settings = settings
@@ -90,6 +107,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"feedback_id {fb.feedback_id!r} was already used with different content",
                 )
+            await self._fan_out(stored)
         except (ApiError, InvalidField) as exc:
             await context.abort_with_status(grpc_status(api_error(exc)))
         response = pb.SubmitFeedbackResponse(feedback_id=stored.feedback_id, duplicate=not inserted)
@@ -113,6 +131,27 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     ) -> pb.ServiceInfo:
         return self._info
 
+    async def _fan_out(self, feedback: FeedbackRecord) -> None:
+        """Apply persisted feedback to the entity state and the case memory (again on a retry: both idempotent)."""
+        if self._feedback is None:
+            return
+        decided = await asyncio.to_thread(self._store.get_decision, feedback.request_id)
+        if decided is None or not decided.event:
+            return  # decided by a version that did not record events: stored, nothing to fold
+        event = to_risk_event(
+            pb.DecideRequest(request_id=decided.request_id, event=pb.Event.FromString(decided.event)),
+            _AnyFeature(),
+        )
+        try:
+            await self._feedback.apply(event, Outcome(feedback.outcome), feedback.risk_type,
+                                       datetime.fromisoformat(feedback.recorded_at))
+        except StageError as exc:
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"feedback {feedback.feedback_id!r} is recorded but not yet applied ({exc}); retry with the same "
+                "feedback_id",
+            ) from exc
+
     # -- the decision path ----------------------------------------------------------------------------------
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
@@ -135,6 +174,11 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     async def _decide(self, request: pb.DecideRequest, deadline: float, prefix: str = "") -> pb.Decision:
         event = to_risk_event(request, self._features, prefix)
         request_fingerprint = fingerprint(request)
+        recorded_event = pb.Event()
+        recorded_event.CopyFrom(request.event)
+        if event.occurred_at is None:  # decided now: the state, the record and feedback use the arrival time
+            event = dataclasses.replace(event, occurred_at=utc_now())
+            recorded_event.occurred_at.FromDatetime(event.occurred_at)
         stored = self._store.get_decision(event.request_id)
         if stored is None and event.request_id in self._in_flight:
             stored = await asyncio.shield(self._in_flight[event.request_id])
@@ -156,6 +200,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                 degraded=decision.degraded,
                 decided_at=decision.decided_at.isoformat(),
                 payload=message.SerializeToString(),
+                event=recorded_event.SerializeToString(),
             )
             try:
                 stored, inserted = await self._store.put_decision(record)

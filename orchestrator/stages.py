@@ -12,7 +12,14 @@ import dataclasses
 from ray.serve.handle import DeploymentHandle
 
 from orchestrator.cascade import StageError
-from riskcascade.domain import FastScore, ReasonerVerdict, ReasoningRequest, ScoreRequest
+from riskcascade.domain import (
+    AdjudicatedCase,
+    FastScore,
+    LabelRecord,
+    ReasonerVerdict,
+    ReasoningRequest,
+    ScoreRequest,
+)
 from riskcascade.telemetry import inject_context, span
 from services.scorer.fast_model import ScorerInfo
 
@@ -45,6 +52,10 @@ class ServeScorerStage:
     async def info(self, timeout_s: float) -> ScorerInfo:
         return await asyncio.wait_for(self._handle.info.remote(), timeout=timeout_s)
 
+    async def record_labels(self, labels: list[LabelRecord], timeout_s: float) -> int:
+        with span("stage.record_labels", labels=len(labels)):
+            return await _call("entity state", self._handle.record_labels, labels, timeout_s)
+
 
 class ServeReasonerStage:
     def __init__(self, handle: DeploymentHandle):
@@ -54,3 +65,7 @@ class ServeReasonerStage:
         with span("stage.reasoner", request_id=request.event.request_id, budget_ms=request.budget_ms):
             request = dataclasses.replace(request, trace_carrier=inject_context())
             return await _call("reasoner", self._handle.reason, request, timeout_s)
+
+    async def add_case(self, case: AdjudicatedCase, timeout_s: float) -> int:
+        with span("stage.add_case", case_id=case.case_id):
+            return await _call("case memory", self._handle.add_case, case, timeout_s)

@@ -5,6 +5,10 @@ each caller awaits its own write, so nothing is acknowledged before it is on dis
 share one fsync instead of paying one each. Reads use their own connection (WAL mode lets them run beside the
 writer).
 
+The decision row is the audit record: besides the answer it holds the event exactly as decided (``event``: the
+request's ``risk.v1.Event``, its time stamped when the caller sent none), so feedback can reach every entity of
+the event and recorded traffic can be replayed.
+
 Idempotency: a decision row is keyed by request_id and carries a fingerprint of the request. Inserting a
 request_id that exists returns the stored row instead (the first writer wins), so concurrent retries across
 processes still agree on one decision.
@@ -31,7 +35,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     event_type   TEXT NOT NULL,
     degraded     INTEGER NOT NULL,
     decided_at   TEXT NOT NULL,
-    payload      BLOB NOT NULL
+    payload      BLOB NOT NULL,
+    event        BLOB NOT NULL DEFAULT x''
 );
 CREATE TABLE IF NOT EXISTS feedback (
     feedback_id  TEXT PRIMARY KEY,
@@ -56,6 +61,7 @@ class DecisionRecord:
     degraded: bool
     decided_at: str
     payload: bytes  # the serialized answer, returned as-is on replay
+    event: bytes = b""  # the serialized risk.v1.Event as decided (time stamped); empty in rows of older versions
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,9 @@ class DecisionStore:
         self._closed = False
         writer = self._connect()
         writer.executescript(_SCHEMA)
+        columns = {row[1] for row in writer.execute("PRAGMA table_info(decisions)")}
+        if "event" not in columns:  # a store written before decisions recorded their event
+            writer.execute("ALTER TABLE decisions ADD COLUMN event BLOB NOT NULL DEFAULT x''")
         self._writer_thread = threading.Thread(
             target=self._write_loop, args=(writer,), name="decision-store-writer", daemon=True
         )
@@ -153,9 +162,9 @@ class DecisionStore:
     def _apply(conn: sqlite3.Connection, kind: str, record: Any) -> tuple[Any, bool]:
         if kind == "decision":
             cur = conn.execute(
-                "INSERT OR IGNORE INTO decisions VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (record.request_id, record.fingerprint, record.action, record.risk_score, record.decided_by,
-                 record.event_type, int(record.degraded), record.decided_at, record.payload),
+                 record.event_type, int(record.degraded), record.decided_at, record.payload, record.event),
             )
             if cur.rowcount == 1:
                 return record, True
@@ -213,7 +222,7 @@ def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 def _decision_from_row(row: tuple) -> DecisionRecord:
-    return DecisionRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8])
+    return DecisionRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[9])
 
 
 def utc_now() -> datetime:

@@ -15,10 +15,18 @@ Each case has two vectors: ``behaviour`` (``BehaviourEncoder``: the model's feat
 card's training scaling; rebuild the index when the card changes) and ``narrative`` (the MiniLM embedding of
 ``retrieval.narrative.event_narrative``: facts and free text, no outcome; rebuild when the embedder or the
 wording changes).
+
+Time: a case's outcome counts from when it became known (``label_known_at``), not from when the case happened.
+The three searches take ``known_by``: with it, only cases whose label had arrived by then come back, filtered in
+the engine (a datetime range on an indexed key), so ``top_k`` cases still come back whenever that many qualify.
+
+Threads: the engine (an Edge shard, a qdrant-client) is used by one thread at a time; every call below takes the
+memory's engine lock around its engine work, so one memory may serve reads and writes from several threads.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,7 +34,7 @@ from itertools import islice
 
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.callbacks import CallbackManager
-from llama_index.core.schema import NodeWithScore, QueryBundle
+from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
     FilterOperator,
@@ -39,11 +47,13 @@ from tqdm import tqdm
 from retrieval.behaviour import BehaviourEncoder
 from retrieval.case_nodes import (
     ENTITY_FIELDS,
+    LABEL_KNOWN_AT,
     OCCURRED_AT,
     case_narrative,
     case_node_id,
     case_to_node,
     node_to_case,
+    stored_time,
     time_order_key,
 )
 from retrieval.stores import CollectionLayout, CollectionNotFoundError, NamedVectorStore, close_store, open_collection
@@ -71,8 +81,9 @@ NARRATIVE_VECTOR = "narrative"
 
 KEYWORD_FIELDS = ("case_id", "event_type", "outcome", "risk_type", *ENTITY_FIELDS)
 """Payload keys given a keyword index: the ones retrieval filters on."""
-DATETIME_FIELDS = (OCCURRED_AT,)
-"""Payload keys given a datetime index: ``cases_with_entity`` orders by it."""
+DATETIME_FIELDS = (OCCURRED_AT, LABEL_KNOWN_AT)
+"""Payload keys given a datetime index: ``cases_with_entity`` orders by ``occurred_at``; ``known_by`` is a range on
+``label_known_at``."""
 TIE_LOOKAHEAD = 4
 """Neighbours fetched beyond ``top_k``, so that cases tied at the cut are usually seen in one query."""
 MAX_TIE_LOOKAHEAD = 64
@@ -185,6 +196,10 @@ class CaseMemory:
         self.read_only = read_only
         self.narratives = EmbeddingCache(embedder)  # its counters say how many narratives were embedded / reused
         self._closed = False
+        # The engine serves one thread at a time; writers also share the narrative cache, so they queue on their
+        # own lock first (embedding a batch then does not hold up readers). Always ``_writes`` before ``_engine``.
+        self._engine = threading.Lock()
+        self._writes = threading.Lock()
 
     # -- writes -------------------------------------------------------------------------------------------------
 
@@ -193,6 +208,7 @@ class CaseMemory:
 
         Idempotent: a case's point id derives from its case id, so writing a case again replaces it (the count
         does not grow). The return value counts writes, not new cases. Identical narratives are embedded once.
+        Safe to call from any thread: a case written is found by the next search that starts after it returns.
         """
         if self.read_only:
             raise CaseMemoryReadOnlyError(f"case memory at {self.location} was opened read-only")
@@ -200,13 +216,16 @@ class CaseMemory:
             raise ValueError("batch_size must be at least 1")
         total = len(cases) if isinstance(cases, Sequence) else None
         written = 0
-        with tqdm(total=total, unit="case", desc=f"indexing cases ({self.backend})", disable=not progress) as bar:
+        with self._writes, tqdm(
+            total=total, unit="case", desc=f"indexing cases ({self.backend})", disable=not progress
+        ) as bar:
             for batch in _batches(cases, batch_size):
                 behaviour = self.encoder.encode_many([case.features for case in batch])
                 narratives = [case_narrative(case) for case in batch]
                 narrative_vectors = self.narratives.embed(narratives)
                 nodes = [case_to_node(c, v, n) for c, v, n in zip(batch, behaviour, narratives)]
-                self.vector_store.add(nodes, named_vectors=[{NARRATIVE_VECTOR: v} for v in narrative_vectors])
+                with self._engine:
+                    self.vector_store.add(nodes, named_vectors=[{NARRATIVE_VECTOR: v} for v in narrative_vectors])
                 written += len(batch)
                 bar.update(len(batch))
         return written
@@ -215,7 +234,8 @@ class CaseMemory:
 
     def count(self) -> int:
         """Exact number of cases stored."""
-        return self.vector_store.count()
+        with self._engine:
+            return self.vector_store.count()
 
     def retriever(
         self,
@@ -224,6 +244,8 @@ class CaseMemory:
         exclude_case_ids: Sequence[str] = (),
         vector_name: str = VECTOR_NAME,
     ) -> CaseRetriever:
+        """A LlamaIndex retriever over this memory's store. It does not take the engine lock: use it from one
+        thread, or go through ``similar_cases`` / ``similar_narratives``, which do."""
         return CaseRetriever(
             self.vector_store,
             similarity_top_k=top_k,
@@ -238,15 +260,19 @@ class CaseMemory:
         top_k: int,
         exclude_case_ids: Sequence[str] = (),
         event_type: EventType | None = None,
+        known_by: datetime | None = None,
     ) -> list[RetrievedCase]:
         """The ``top_k`` stored cases whose behaviour is most similar to ``features``, most similar first.
 
         ``exclude_case_ids`` are never returned (e.g. the event's own case); ``event_type`` keeps only cases of
-        that type. ``top_k`` cases come back whenever that many match.
+        that type; ``known_by`` keeps only cases whose label was known by then (``label_known_at`` set and not
+        later; a naive time is UTC). ``top_k`` cases come back whenever that many match.
         """
         label = f"adjudicated cases behaving like this {_type_label(event_type)} event"
         bundle = QueryBundle(query_str=label, embedding=self.encoder.encode(features))
-        hits = self.retriever(top_k, _event_type_filter(event_type), exclude_case_ids).retrieve(bundle)
+        retriever = self.retriever(top_k, _case_filters(event_type, known_by), exclude_case_ids)
+        with self._engine:
+            hits = retriever.retrieve(bundle)
         return [RetrievedCase(case=node_to_case(hit.node), similarity=float(hit.score)) for hit in hits]
 
     def similar_narratives(
@@ -255,6 +281,7 @@ class CaseMemory:
         top_k: int,
         exclude_case_ids: Sequence[str] = (),
         event_type: EventType | None = None,
+        known_by: datetime | None = None,
     ) -> list[RetrievedCase]:
         """The ``top_k`` stored cases whose narrative reads most like ``text``, most similar first (``via`` is
         "narrative"). Build ``text`` with ``retrieval.narrative.event_narrative`` so it is worded as the stored
@@ -264,10 +291,12 @@ class CaseMemory:
             return []
         label = f"adjudicated cases told like this {_type_label(event_type)} event"
         bundle = QueryBundle(query_str=label, embedding=self.embedder.embed([text])[0].tolist())
-        retriever = self.retriever(top_k, _event_type_filter(event_type), exclude_case_ids, NARRATIVE_VECTOR)
+        retriever = self.retriever(top_k, _case_filters(event_type, known_by), exclude_case_ids, NARRATIVE_VECTOR)
+        with self._engine:
+            hits = retriever.retrieve(bundle)
         return [
             RetrievedCase(case=node_to_case(hit.node), similarity=float(hit.score), via=NARRATIVE_VECTOR)
-            for hit in retriever.retrieve(bundle)
+            for hit in hits
         ]
 
     def cases_with_entity(
@@ -277,6 +306,7 @@ class CaseMemory:
         limit: int,
         exclude_case_ids: Sequence[str] = (),
         other_than_account: str | None = None,
+        known_by: datetime | None = None,
     ) -> list[AdjudicatedCase]:
         """Past cases whose ``field`` (an ``Entities`` field) is ``value``: most recent first, at most ``limit``.
 
@@ -284,6 +314,7 @@ class CaseMemory:
         by case id, so both backends give the same list. An empty ``value`` (no such entity) matches nothing.
         ``other_than_account`` leaves out that account's own cases, in the engine, so a graph neighbour query
         (the other accounts on this device) gets ``limit`` neighbours however busy the account itself is.
+        ``known_by`` keeps only cases whose label was known by then, also in the engine (as ``similar_cases``).
         """
         if field not in ENTITY_FIELDS:
             raise ValueError(f"cases_with_entity: field {field!r} is not one of {', '.join(ENTITY_FIELDS)}")
@@ -298,6 +329,17 @@ class CaseMemory:
         entity = [MetadataFilter(key=field, value=value)]
         if other_than_account:
             entity.append(MetadataFilter(key="account_id", value=other_than_account, operator=FilterOperator.NE))
+        if known_by is not None:
+            entity.append(_known_by_filter(known_by))
+        with self._engine:
+            nodes = self._entity_nodes(entity, wanted)
+        cases = sorted((node_to_case(n) for n in nodes), key=lambda c: c.case_id)
+        cases.sort(key=_recency, reverse=True)  # stable, also reversed: equal times stay in case id order
+        return [c for c in cases if c.case_id not in exclude][:limit]
+
+    def _entity_nodes(self, entity: list[MetadataFilter], wanted: int) -> list[BaseNode]:
+        """The ``wanted`` most recent nodes matching ``entity``, every node tied at the cut, then undated ones if
+        the dated ones fall short (the engine part of ``cases_with_entity``)."""
         store = self.vector_store
         dated = store.scroll_nodes(MetadataFilters(filters=entity), limit=wanted, order_by=OCCURRED_AT)
         if len(dated) == wanted:
@@ -315,24 +357,21 @@ class CaseMemory:
             )
             instant = time_order_key(datetime.fromisoformat(boundary))
             newer = [n for n in dated if time_order_key(datetime.fromisoformat(n.metadata[OCCURRED_AT])) != instant]
-            nodes = newer + store.scroll_nodes(tied)
-        else:
-            undated = MetadataFilters(
-                filters=[*entity, MetadataFilter(key=OCCURRED_AT, value=None, operator=FilterOperator.IS_EMPTY)]
-            )
-            nodes = dated + store.scroll_nodes(undated)
-        cases = sorted((node_to_case(n) for n in nodes), key=lambda c: c.case_id)
-        cases.sort(key=_recency, reverse=True)  # stable, also reversed: equal times stay in case id order
-        return [c for c in cases if c.case_id not in exclude][:limit]
+            return newer + store.scroll_nodes(tied)
+        undated = MetadataFilters(
+            filters=[*entity, MetadataFilter(key=OCCURRED_AT, value=None, operator=FilterOperator.IS_EMPTY)]
+        )
+        return dated + store.scroll_nodes(undated)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Release the engine (the Edge shard's folder lock; qdrant-client's local folder lock). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        close_store(self.vector_store)
+        with self._writes, self._engine:
+            if self._closed:
+                return
+            self._closed = True
+            close_store(self.vector_store)
 
     def __enter__(self) -> CaseMemory:
         return self
@@ -357,10 +396,20 @@ def _recency(case: AdjudicatedCase) -> tuple[bool, datetime]:
 _EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 
 
-def _event_type_filter(event_type: EventType | None) -> MetadataFilters | None:
-    if event_type is None:
-        return None
-    return MetadataFilters(filters=[MetadataFilter(key="event_type", value=EventType(event_type).value)])
+def _case_filters(event_type: EventType | None, known_by: datetime | None) -> MetadataFilters | None:
+    """The similarity searches' filters, all at the top level of one AND (where Qdrant's planner uses indexes)."""
+    filters = []
+    if event_type is not None:
+        filters.append(MetadataFilter(key="event_type", value=EventType(event_type).value))
+    if known_by is not None:
+        filters.append(_known_by_filter(known_by))
+    return MetadataFilters(filters=filters) if filters else None
+
+
+def _known_by_filter(known_by: datetime) -> MetadataFilter:
+    """Cases whose label had arrived by ``known_by``: a datetime range on ``label_known_at``, which leaves out
+    cases without one (an unknown arrival is not known). A naive ``known_by`` is UTC, as stored times are read."""
+    return MetadataFilter(key=LABEL_KNOWN_AT, value=stored_time(time_order_key(known_by)), operator=FilterOperator.LTE)
 
 
 def _type_label(event_type: EventType | None) -> str:

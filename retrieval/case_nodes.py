@@ -23,8 +23,13 @@ from riskcascade.domain import AdjudicatedCase, Entities, EventType, Outcome
 CASE_NAMESPACE = uuid.UUID("0b5c1d7e-3f55-5a8e-b1a4-6c2d9e8f7a31")
 """Namespace of case node ids (uuid5 of the case id). Changing it orphans every existing index."""
 
+CASE_PAYLOAD_VERSION = 2
+"""Layout of a case's payload. An index written with an older layout must be rebuilt (2 added ``label_known_at``:
+without it every case of an old index is left out of time-bounded retrieval)."""
+
 ENTITY_FIELDS = ("account_id", "seller_id", "device_id", "ip", "payment_instrument_id")
 OCCURRED_AT = "occurred_at"  # RFC 3339, UTC for zone-aware times: equal instants are equal strings
+LABEL_KNOWN_AT = "label_known_at"  # when the outcome became known; stored like OCCURRED_AT, null when unknown
 NARRATIVE_KEY = "narrative"
 TEXT_KEY = "free_text"  # not "text", the key of node text in QdrantVectorStore's legacy payloads
 _NOT_FOR_PROMPTS = ["features", NARRATIVE_KEY, TEXT_KEY]
@@ -59,6 +64,7 @@ def case_to_node(case: AdjudicatedCase, embedding: Sequence[float], narrative: s
         "risk_type": case.risk_type,
         **{name: (getattr(entities, name) if entities is not None else None) for name in ENTITY_FIELDS},
         OCCURRED_AT: stored_time(case.occurred_at),
+        LABEL_KNOWN_AT: stored_time(case.label_known_at),
         "features": {
             name: (float(value) if value is not None and math.isfinite(value) else None)
             for name, value in case.features.items()
@@ -84,6 +90,7 @@ def node_to_case(node: BaseNode) -> AdjudicatedCase:
     if meta.get("account_id") is not None:
         entities = Entities(**{name: meta.get(name) or "" for name in ENTITY_FIELDS})
     occurred_at = meta.get(OCCURRED_AT)
+    label_known_at = meta.get(LABEL_KNOWN_AT)  # absent from payloads written before it was stored: unknown
     return AdjudicatedCase(
         case_id=meta["case_id"],
         event_type=EventType(meta["event_type"]),
@@ -94,11 +101,13 @@ def node_to_case(node: BaseNode) -> AdjudicatedCase:
         occurred_at=datetime.fromisoformat(occurred_at) if occurred_at else None,
         summary=node.get_content(),
         text={str(k): str(v) for k, v in (meta.get(TEXT_KEY) or {}).items()},
+        label_known_at=datetime.fromisoformat(label_known_at) if label_known_at else None,
     )
 
 
 def stored_time(moment: datetime | None) -> str | None:
-    """How ``occurred_at`` is stored: RFC 3339, zone-aware times in UTC (a naive time is read as UTC by Qdrant).
+    """How ``occurred_at`` and ``label_known_at`` are stored: RFC 3339, zone-aware times in UTC (a naive time is
+    read as UTC by Qdrant).
 
     One instant is then one string, so "same time" can be matched as a keyword on either backend.
     """

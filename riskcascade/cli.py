@@ -95,7 +95,8 @@ def _train(settings: Settings, progress: bool, dataset: str = "synthetic") -> No
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="report folder (default: var/eval/<data set>)")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="stratified splits to draw when the data set has no fixed splits")
+              help="stratified splits to draw when the data set has no fixed split columns and no time split "
+              "(refused otherwise)")
 @click.option("--cascade", is_flag=True,
               help="instead: the served model + reasoner on the escalated cases of the synthetic data's held-out "
               "split, average precision of the fast model vs the cascade (needs `train` and `index` first)")
@@ -111,7 +112,7 @@ def evaluate(config: str | None, dataset: str, out_dir: str | None, repeats: int
     """Train on each split of a data set; report ROC-AUC, AP, recall at 1%/5% FPR, calibration, and PNG plots.
 
     With --cascade: measure what the reasoner adds on the cases the fast model escalates."""
-    from riskcascade.evaluate_model import run_evaluation
+    from riskcascade.evaluate_model import EvaluationSetupError, run_evaluation
 
     if cascade:
         _evaluate_cascade(config, dataset, out_dir, backend, split, limit, quiet)
@@ -122,7 +123,10 @@ def evaluate(config: str | None, dataset: str, out_dir: str | None, repeats: int
     data, _ = _open_dataset(settings, dataset)
     out = Path(out_dir) if out_dir else Path("var/eval") / data.spec.name
     started = time.monotonic()
-    result = run_evaluation(data, settings, out, repeats=repeats, progress=not quiet)
+    try:  # refused before any training: --repeats with fixed split columns or a time split, no usable split
+        result = run_evaluation(data, settings, out, repeats=repeats, progress=not quiet)
+    except EvaluationSetupError as exc:
+        raise click.UsageError(str(exc)) from None
     click.echo(result.report)
     click.echo(f"\n{len(result.per_split)} split(s) in {time.monotonic() - started:.1f} s; wrote "
                + ", ".join(str(f) for f in result.files))
@@ -226,14 +230,55 @@ def _cases_to_index(settings: Settings):  # noqa: ANN202 - (cases, BehaviourEnco
         card = load_model_card(settings.model.dir)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
-    source = settings.data.dir / SPLIT_FILES["train"]
-    if not source.exists():
-        raise click.ClickException(f"no training data at {source}: run `riskcascade train` first")
-    try:
-        cases = [to_adjudicated_case(e) for e in read_events_csv(source)]
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    # Every split: each case carries the time its label arrived, and retrieval for an event only sees cases whose
+    # label was known by then, so a later case in the index is the feedback that production would have received.
+    cases = []
+    for split in SPLIT_FILES.values():
+        source = settings.data.dir / split
+        if not source.exists():
+            raise click.ClickException(f"no data at {source}: run `riskcascade train` first")
+        try:
+            cases += [to_adjudicated_case(e) for e in read_events_csv(source)]
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
     return cases, BehaviourEncoder.from_model_card(card)
+
+
+def _seed_state(settings: Settings, progress: bool) -> None:
+    """Fold the data set's events and label arrivals into an empty live entity state (a time-true model only)."""
+    from riskcascade.datasets.synthetic_source import synthetic_dataset
+    from riskcascade.features import FeatureLayout, timeline_of
+    from riskcascade.state_backends import open_entity_state
+    from riskcascade.state_replay import seed_state
+
+    layout = FeatureLayout.load(settings.model.dir).state
+    if layout is None or not settings.state.seed_from_data:
+        return
+    state = open_entity_state(settings.state, layout)
+    try:
+        if state.event_count():
+            return
+        timeline = timeline_of(synthetic_dataset(_data_events(settings)))
+        started = time.monotonic()
+        events, labels = seed_state(state, timeline)
+        if progress:
+            click.echo(f"entity state ({settings.state.backend}): {events} events and {labels} labels folded in "
+                       f"{time.monotonic() - started:.1f} s")
+    finally:
+        state.close()
+
+
+def _data_events(settings: Settings):  # noqa: ANN202 - {split: list[LabelledEvent]}
+    from riskcascade.datasets import SPLIT_FILES
+    from riskcascade.synthetic import read_events_csv
+
+    parts = {}
+    for split, file in SPLIT_FILES.items():
+        source = settings.data.dir / file
+        if not source.exists():
+            raise click.ClickException(f"no data at {source}: run `riskcascade train` first")
+        parts[split] = read_events_csv(source)
+    return parts
 
 
 def _manifest_path(settings: Settings) -> Path:
@@ -243,9 +288,10 @@ def _manifest_path(settings: Settings) -> Path:
 def _index_identity(settings: Settings) -> dict[str, dict[str, str]]:
     """What each index was built from: when any of it changes, `up` re-indexes that part.
 
-    Cases: the model card (behaviour scaling), the text embedder and the narrative wording; policies: the
-    embedder and the policy files' bytes. Both: where the index lives.
+    Cases: the model card (behaviour scaling), the text embedder, the narrative wording and the payload layout
+    (label arrival times); policies: the embedder and the policy files' bytes. Both: where the index lives.
     """
+    from retrieval.case_nodes import CASE_PAYLOAD_VERSION
     from retrieval.indexing import policy_dir_digest
     from retrieval.narrative import NARRATIVE_VERSION
     from retrieval.stores import edge_shard_path
@@ -268,6 +314,7 @@ def _index_identity(settings: Settings) -> dict[str, dict[str, str]]:
             **where(r.collection),
             "model_version": load_model_card(settings.model.dir).version if card.exists() else "",
             "narrative_version": str(NARRATIVE_VERSION),
+            "payload_version": str(CASE_PAYLOAD_VERSION),
         },
         "policies": {**where(r.policy_collection), "policies_sha256": policy_dir_digest(r.policy_dir)},
     }
@@ -315,6 +362,7 @@ def up(config: str | None, quiet: bool) -> None:
             "text: indexing (riskcascade index)"
         )
         _index(settings, progress=not quiet, parts=stale)
+    _seed_state(settings, progress=not quiet)
     from orchestrator.platform import PlatformError, run_platform
 
     try:

@@ -41,6 +41,9 @@ class ServerSettings(_Section):
         20.0, ge=0, description="time kept back from the deadline for merging, persisting and answering"
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on stop")
+    feedback_timeout_ms: float = Field(
+        5000.0, gt=0, description="time feedback gets to reach the entity state and the case memory"
+    )
     ready_file: Path | None = Field(
         None, description="file written with the bound port once the server is serving"
     )
@@ -76,6 +79,15 @@ class ModelSettings(_Section):
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per scorer replica")
     reason_count: int = Field(3, ge=0, description="reason codes the fast path returns")
     prefer_gpu: bool = Field(True, description="use onnxruntime's CUDA provider when a probe finds a GPU")
+    reported_state_features: tuple[str, ...] = Field(
+        (
+            "account_id.n_1h", "account_id.n_24h", "account_id.fraud_known", "account_id.legit_known",
+            "account_id.distinct.device_id", "device_id.n_1h", "device_id.n_24h", "device_id.distinct.account_id",
+            "device_id.fraud_accounts", "ip.n_1h", "ip.n_24h", "ip.distinct.account_id", "ip.fraud_accounts",
+            "payment_instrument_id.fraud_accounts",
+        ),
+        description="entity-state features returned on each decision (Decision.state_features), when the model has them",
+    )
 
 
 class DataSettings(_Section):
@@ -111,9 +123,57 @@ class TrainingSettings(_Section):
     )
     target_escalation_share: float = Field(0.12, gt=0, lt=1, description="share rule: validation share escalated")
     costs: CostSettings = CostSettings()
-    valid_share: float = Field(0.15, gt=0, lt=1, description="stratified split when a data set has none: valid")
-    test_share: float = Field(0.15, gt=0, lt=1, description="stratified split when a data set has none: test")
+    valid_share: float = Field(0.15, gt=0, lt=1, description="split when a data set has none: valid share")
+    test_share: float = Field(0.15, gt=0, lt=1, description="split when a data set has none: test share")
+    split_rule: Literal["auto", "time", "stratified"] = Field(
+        "auto",
+        description="how rows are split when a data set brings no split column: auto = by time when the data set "
+        "has a time column (train on the past, validate next, test on the future), else stratified at random",
+    )
+    labels_known_by_split: bool = Field(
+        False,
+        description="strict protocol on a time-ordered split: fit, calibrate and set the band only on labels that had "
+        "arrived when the test period starts (needs a history longer than the labels' delay; off: the eventual "
+        "labels of the train and valid events are the training targets, features stay point in time)",
+    )
+    min_boost_rounds: int = Field(
+        200, ge=1, description="trees grown before early stopping may stop (small data sets stop too soon otherwise)"
+    )
     threads: int = Field(2, ge=1, description="LightGBM training threads")
+
+
+class StateSettings(_Section):
+    """Live entity state (riskcascade/entity_state.py): what each account, device, IP, instrument and seller did
+    before an event, the fast model's time-true features."""
+
+    backend: Literal["embedded", "redis"] = Field(
+        "embedded", description="embedded = in the scorer process, durable in log_path; redis = a Redis server"
+    )
+    log_path: Path = Field(
+        Path("var/state/entity-state.sqlite"),
+        description="embedded: the durable log of observed events and labels, replayed at start",
+    )
+    redis_url: str | None = Field(None, description="redis backend: server URL, e.g. redis://127.0.0.1:6379/0")
+    key_prefix: str = Field("rc", min_length=1, description="redis backend: prefix of every key")
+    windows_s: tuple[int, ...] = Field(
+        (3600, 86400, 604800, 2592000), min_length=1,
+        description="sliding windows of the velocity features, in seconds (1 h, 24 h, 7 d, 30 d)",
+    )
+    retention_s: int = Field(
+        2592000, ge=1,
+        description="how long an entity's per-event history is kept (the longest window needs no more)",
+    )
+    seed_from_data: bool = Field(
+        True, description="`up` folds the data set's events and labels (as of their arrival) into an empty state"
+    )
+
+    @model_validator(mode="after")
+    def _redis_target(self) -> "StateSettings":
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend=redis needs redis_url")
+        if max(self.windows_s) > self.retention_s:
+            raise ValueError("retention_s must cover the longest window in windows_s")
+        return self
 
 
 class RetrievalSettings(_Section):
@@ -301,6 +361,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     training: TrainingSettings = TrainingSettings()
+    state: StateSettings = StateSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     escalation: EscalationSettings = EscalationSettings()
     merge: MergeSettings = MergeSettings()

@@ -107,16 +107,18 @@ class ScoreRequest:
     entities: dict[str, str] = field(default_factory=dict)  # Entities field name -> id, for graph features
     attributes: dict[str, str] = field(default_factory=dict)  # categorical features, e.g. event_type
     trace_carrier: dict[str, str] = field(default_factory=dict)
+    occurred_at: float | None = None  # event time, seconds since the epoch (UTC); None = when it is scored
 
     @classmethod
     def of(cls, request_id: str, event_type: "EventType", entities: Entities, features: dict[str, float],
-           trace_carrier: dict[str, str] | None = None) -> "ScoreRequest":
+           trace_carrier: dict[str, str] | None = None, occurred_at: datetime | None = None) -> "ScoreRequest":
         return cls(
             request_id=request_id,
             features=features,
             entities={name: value for name, value in asdict(entities).items() if value},
             attributes={EVENT_TYPE_ATTRIBUTE: event_type.value},
             trace_carrier=trace_carrier or {},
+            occurred_at=occurred_at.timestamp() if occurred_at is not None else None,
         )
 
 
@@ -129,6 +131,7 @@ class FastScore:
     reasons: tuple[ReasonCode, ...]
     model_version: str
     provider: str  # onnxruntime execution provider that ran the model
+    state_features: dict[str, float] = field(default_factory=dict)  # reported entity-state features (see proto)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ class Decision:
     reasoning_steps: tuple[ReasoningStep, ...] = ()
     rationale: str = ""
     reasoner_backend: str = ""
+    state_features: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,15 @@ class Feedback:
     risk_type: str = ""
     note: str = ""
     recorded_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """An adjudicated outcome of a decided event, as the entity state counts it: from when it arrived."""
+
+    request_id: str
+    fraud: bool
+    known_at: datetime
 
 
 @dataclass(frozen=True)
@@ -203,3 +216,4 @@ class AdjudicatedCase:
     occurred_at: datetime | None = None
     summary: str = ""  # one plain-language line about the case, outcome included, for people and prompts
     text: dict[str, str] = field(default_factory=dict)  # the event's free-text fields (e.g. note), as received
+    label_known_at: datetime | None = None  # when the outcome became known (feedback arrival); None = unknown

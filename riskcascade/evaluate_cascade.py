@@ -1,10 +1,13 @@
 """``riskcascade eval --cascade``: does the reasoner add anything on the cases the fast model escalates?
 
-On a held-out split of the synthetic data, every event is scored by the fast model (the ONNX model in
-``model.dir``, in-process). The events inside the escalation band are the escalated cases; each is reviewed by
-the reasoning service exactly as served (services/reasoning/service.py: the case memory built by ``index`` from
-the training split, the policy library, the workflow and the configured LLM backend), with no deadline
-pressure (``budget_ms``). On those cases we compare:
+On a held-out period of the synthetic data, every event is scored by the fast model (the ONNX model in
+``model.dir``, in-process) on its time-true features: the entity state replayed through every earlier event and
+every label that had arrived by then, exactly what the live platform computes. The events inside the escalation
+band are the escalated cases; each is reviewed, in time order, by the reasoning service as served
+(services/reasoning/service.py: the case memory built by ``index``, the policy library, the workflow and the
+configured LLM backend), with no deadline pressure (``budget_ms``). The case memory holds every case with the time
+its label arrived, and the agents retrieve only cases whose label was known before the reviewed event: the
+feedback production would have had by then, with the generator's label delays. On those cases we compare:
 - average precision of the fast score alone,
 - average precision of the cascade's score (the merge rule: ``merge.fast_weight`` × fast + the rest × reasoner),
 - average precision of the reasoner's score alone,
@@ -30,7 +33,7 @@ from orchestrator.merge import MergeRules, merge
 from orchestrator.policy import EscalationPolicy, Route, escalation_policy
 from riskcascade.config import Settings
 from riskcascade.datasets import SPLIT_FILES
-from riskcascade.domain import Action, ReasoningRequest, ScoreRequest
+from riskcascade.domain import Action, ReasoningRequest
 from riskcascade.model_card import load_model_card
 from riskcascade.synthetic import read_events_csv, to_risk_event
 
@@ -55,17 +58,16 @@ def run_cascade_evaluation(
     from services.reasoning.service import open_reasoning_service
     from services.scorer.fast_model import FastModel
 
-    events = read_events_csv(settings.data.dir / SPLIT_FILES[split])
+    parts = {name: read_events_csv(settings.data.dir / file) for name, file in SPLIT_FILES.items()}
+    events = parts[split]
     card = load_model_card(settings.model.dir)
     band = escalation_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high)
     model = FastModel(settings.model.dir, threads=settings.model.onnx_threads, reason_count=settings.model.reason_count,
                       prefer_gpu=False)
+    x = time_true_inputs(settings.model.dir, parts, split)
     fast = []
     for start in range(0, len(events), SCORING_BATCH):
-        chunk = events[start : start + SCORING_BATCH]
-        fast += model.score_batch(
-            [ScoreRequest.of(e.case_id, e.event_type, e.entities, dict(e.features)) for e in chunk]
-        )
+        fast += model.score_matrix(model.model_input(x[start : start + SCORING_BATCH]))
     # Offline, one case at a time with the whole budget: only the band decides what is escalated.
     routes = [band.route(f.score, budget_ms, 0) for f in fast]
     escalated = [i for i, r in enumerate(routes) if r.route is Route.ESCALATE]
@@ -107,6 +109,26 @@ def run_cascade_evaluation(
     return CascadeEvaluation(report, figures, (out_dir / "report.md", out_dir / "report.json"))
 
 
+def time_true_inputs(model_dir: Path, parts: dict[str, list], split: str) -> np.ndarray:
+    """The pre-anomaly model input of ``split``'s events (in file order) as the live platform computes it: state
+    features by replaying every split's events and label arrivals in time order (a transductive model: its own
+    layout's serving path)."""
+    from riskcascade.datasets.synthetic_source import synthetic_dataset
+    from riskcascade.domain import EVENT_TYPE_ATTRIBUTE
+    from riskcascade.features import FeatureLayout, timeline_of
+    from riskcascade.state_replay import replay_features
+
+    layout = FeatureLayout.load(model_dir)
+    dataset = synthetic_dataset(parts)
+    rows = np.flatnonzero(dataset.splits[0] == split) if dataset.splits else np.arange(len(dataset))
+    attributes = [{EVENT_TYPE_ATTRIBUTE: v} for v in dataset.categorical[EVENT_TYPE_ATTRIBUTE][rows]]
+    entities = [{link: dataset.links[link][i] for link in layout.links} for i in rows]
+    state = None
+    if layout.state is not None:
+        state = replay_features(layout.state, timeline_of(dataset))[rows]
+    return layout.transform(dataset.numeric[rows], attributes, entities, state)
+
+
 def _figures(rows: list[dict[str, Any]], settings: Settings, split: str, n_events: int, n_escalated: int,
              band: EscalationPolicy) -> dict[str, Any]:
     labels = np.array([r["label"] for r in rows], dtype=int)
@@ -116,6 +138,8 @@ def _figures(rows: list[dict[str, Any]], settings: Settings, split: str, n_event
     seconds = np.array([r["seconds"] for r in rows]) if rows else np.zeros(1)
     return {
         "split": split,
+        "protocol": "time-ordered replay: features from the entity state before each event; retrieval sees only "
+                    "labels that had arrived (generator label delays)",
         "backend": settings.llm.backend,
         "events": n_events,
         "band": [band.band_low, band.band_high],
@@ -140,6 +164,8 @@ def _report(f: dict[str, Any]) -> str:
     acts = ", ".join(f"{k} {v}" for k, v in sorted(f["actions"].items()))
     return "\n".join([
         f"# Cascade on escalated cases ({f['split']} split, backend {f['backend']})",
+        "",
+        f"Protocol: {f['protocol']}.",
         "",
         f"{f['escalated_cases']} of {f['events']} events escalated (band [{f['band'][0]:.3f}, {f['band'][1]:.3f})); "
         f"{f['reviewed_cases']} reviewed by the reasoner, {f['fraud_share']:.1%} of them fraud.",

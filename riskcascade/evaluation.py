@@ -1,5 +1,8 @@
 """Evaluation report for a binary fraud model over one or several fixed splits.
 
+Only labelled rows are scored: a row with label ``UNLABELLED`` (-1, no label yet) may feed features, but no
+metric and no plot.
+
 One number from one split hides how much it would move on another draw of the data, so metrics are computed per
 split and reported as mean ± std across splits. The metrics are the ones training reports for the fast model
 (``riskcascade.training``) so that figures from here and from a model card can be set side by side; the plots
@@ -23,6 +26,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
 
+from riskcascade.datasets.format import UNLABELLED  # noqa: E402 - label of a row without one: in no metric
 from riskcascade.model_metrics import (  # noqa: E402
     DEFAULT_ECE_BINS,
     expected_calibration_error,
@@ -76,8 +80,15 @@ def split_metrics(
     With ``risk_types`` (one string per row, ``NO_RISK_TYPE`` for legitimate rows), recall is also given per
     risk type at the *global* 1%-FPR threshold: the model runs one threshold in production, so the question is
     which fraud patterns that threshold lets through, not how each pattern would fare with its own threshold.
+    Rows labelled ``UNLABELLED`` are left out of every figure, ``n`` included.
     """
-    scores, labels = _checked(scores, labels)
+    keep = np.asarray(labels) != UNLABELLED
+    if risk_types is not None:
+        risk_types = np.asarray(risk_types)
+        if risk_types.shape != keep.shape:
+            raise ValueError(f"risk_types must have one entry per row, got {risk_types.shape} for {keep.shape}")
+        risk_types = risk_types[keep]
+    scores, labels = _labelled(scores, labels)
     if labels.min() == labels.max():
         raise ValueError("a split needs both fraud and legitimate events")
     metrics: dict[str, float | dict[str, float]] = {
@@ -89,7 +100,7 @@ def split_metrics(
         "fraud_rate": float(labels.mean()),
     }
     if risk_types is not None:
-        metrics[RISK_TYPE_RECALL] = _recall_by_risk_type(scores, labels, np.asarray(risk_types))
+        metrics[RISK_TYPE_RECALL] = _recall_by_risk_type(scores, labels, risk_types)
     return metrics
 
 
@@ -113,16 +124,26 @@ def summarise(per_split: list[dict[str, Any]]) -> dict[str, MetricSummary | dict
 
 
 def format_report(
-    summary: dict[str, MetricSummary | dict[str, MetricSummary]], per_split: list[dict[str, Any]], dataset_name: str
+    summary: dict[str, MetricSummary | dict[str, MetricSummary]],
+    per_split: list[dict[str, Any]],
+    dataset_name: str,
+    protocol: str | None = None,
 ) -> str:
-    """A Markdown table: one row per metric, ``mean ± std`` and one column per split when there are several."""
+    """A Markdown table: one row per metric, ``mean ± std`` and one column per split when there are several.
+
+    Splits are named by their ``split`` entry (a split column's name, "time 70/15/15", "stratified seed 7"),
+    else numbered. ``protocol`` is one sentence on how the splits, features and labels were made; it heads the
+    report, because the same model scores very differently under a random and a time-ordered split.
+    """
     several = len(per_split) > 1
-    split_columns = [f"Split {i + 1}" for i in range(len(per_split))]
-    header = ["Metric", "Mean ± std", *split_columns] if several else ["Metric", "Value"]
+    names = split_names(per_split)
+    header = ["Metric", "Mean ± std", *names] if several else ["Metric", "Value"]
+    extent = f"{len(per_split)} splits; mean ± population std across splits." if several else f"One split: {names[0]}."
     lines = [
         f"## Evaluation: {dataset_name}",
         "",
-        f"{len(per_split)} splits; mean ± population std across splits." if several else "One split.",
+        *([f"Protocol: {protocol}", ""] if protocol else []),
+        extent,
         "",
         "| " + " | ".join(header) + " |",
         "|---" + "|---:" * (len(header) - 1) + "|",
@@ -142,21 +163,30 @@ def format_report(
     return "\n".join(lines) + "\n"
 
 
+def split_names(per_split: list[dict[str, Any]]) -> list[str]:
+    """Each split's ``split`` entry, or "Split i" (1-based) where it has none."""
+    return [str(split.get("split") or f"Split {i + 1}") for i, split in enumerate(per_split)]
+
+
 def plot_calibration(
     scores: SplitArrays,
     labels: SplitArrays,
     path: str | Path,
     bins: int = DEFAULT_ECE_BINS,
     title: str = "Reliability diagram",
+    split_labels: Sequence[str] | None = None,
 ) -> Path:
     """Reliability diagram: observed fraud rate against mean predicted score per equal-width bin.
 
     The bins are the ones ``expected_calibration_error`` uses, so the gaps drawn are the ones the ECE averages.
     Several splits are pooled into the bold curve, each split drawn faintly behind it so that a curve's wobble
     can be told from a split's noise; the lower panel gives the pooled count per bin (log scale), without which
-    a wild point from a near-empty bin would look as credible as one from a full bin.
+    a wild point from a near-empty bin would look as credible as one from a full bin. ``split_labels`` name the
+    faint curves in the legend (default "split 1", "split 2", ...).
     """
     splits = _splits(scores, labels)
+    if split_labels is not None and len(split_labels) != len(splits):
+        raise ValueError(f"{len(split_labels)} split labels for {len(splits)} splits")
     pooled = tuple(np.concatenate(parts) for parts in zip(*splits))
     fig, (curve, counts) = plt.subplots(
         2, 1, sharex=True, figsize=FIGURE_SIZE_IN, gridspec_kw={"height_ratios": CALIBRATION_HEIGHT_RATIOS}
@@ -166,7 +196,8 @@ def plot_calibration(
         if len(splits) > 1:
             for i, (s, y) in enumerate(splits):
                 predicted, observed = _reliability(s, y, bins)
-                curve.plot(predicted, observed, alpha=SPLIT_LINE_ALPHA, label=f"split {i + 1}")
+                name = split_labels[i] if split_labels is not None else f"split {i + 1}"
+                curve.plot(predicted, observed, alpha=SPLIT_LINE_ALPHA, label=name)
         predicted, observed = _reliability(*pooled, bins)
         ece = expected_calibration_error(*pooled, bins)
         curve.plot(predicted, observed, marker="o", color="black", label=f"pooled (ECE {ece:.3f})")
@@ -241,13 +272,23 @@ def _bin_index(scores: np.ndarray, bins: int) -> np.ndarray:
 
 
 def _splits(scores: SplitArrays, labels: SplitArrays) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One (scores, labels) pair per split: a list of arrays is several splits, a flat array or list is one."""
+    """One (scores, labels) pair per split, labelled rows only: a list of arrays is several splits, a flat array or
+    list is one."""
     several = isinstance(scores, (list, tuple)) and len(scores) > 0 and np.ndim(scores[0]) == 1
     if not several:
-        return [_checked(scores, labels)]
+        return [_labelled(scores, labels)]
     if not isinstance(labels, (list, tuple)) or len(labels) != len(scores):
         raise ValueError("with several splits of scores, labels must be a list with one array per split")
-    return [_checked(s, y) for s, y in zip(scores, labels)]
+    return [_labelled(s, y) for s, y in zip(scores, labels)]
+
+
+def _labelled(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``_checked`` over the rows whose label is not ``UNLABELLED``."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    if scores.shape == labels.shape:
+        keep = labels != UNLABELLED
+        scores, labels = scores[keep], labels[keep]
+    return _checked(scores, labels)
 
 
 def _checked(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,17 @@
-"""The model's input layout: raw numeric features, categorical codes, graph aggregates (before the anomaly score).
+"""The model's input layout: raw numeric features, categorical codes, entity features (before the anomaly score).
 
-``FeatureLayout`` is fitted on a data set and saved next to the model (``features.json`` + ``graph.npz``); the
-scorer loads it to turn a request (numeric features, categorical attributes, entity per link) into exactly the
-columns training used. A categorical feature becomes one 0/1 column per value of its vocabulary (from the training
+``FeatureLayout`` is fitted on a data set and saved next to the model (``features.json``, plus ``graph.npz`` for the
+transductive protocol); the scorer loads it to turn a request (numeric features, categorical attributes, entity per
+link) into exactly the columns training used.
+
+The entity features come in one of two protocols, chosen by the data:
+
+- **time-true** (the data set has a time column): the live entity state's features (``riskcascade.entity_state``),
+  built at training by replaying the data set's events and label arrivals in time order
+  (``riskcascade.state_replay``) and served from the live state, so each event sees only what happened before it;
+- **transductive** (a static graph, no time column): neighbour aggregates over every row of the data set
+  (``riskcascade.graph_features``), served from the frozen training rows. Such a model's quality is measured on a
+  graph that includes the test rows; the report says so. A categorical feature becomes one 0/1 column per value of its vocabulary (from the training
 split, sorted, so columns are stable): a value training never saw is all zeros, a missing one all NaN. One-hot
 rather than LightGBM's categorical splits because the fast exact TreeSHAP of the reason codes
 (``services/scorer/explain.py``) covers numerical splits only.
@@ -18,7 +27,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from riskcascade.datasets.format import Dataset
+from riskcascade.entity_state import StateLayout, describe_state_feature
 from riskcascade.graph_features import GraphHistory, build_graph_features, describe_graph_feature
+from riskcascade.state_replay import Timeline, replay_features
+
+TIME_TRUE = "time-true"
+TRANSDUCTIVE = "transductive"
 
 LAYOUT_FILE = "features.json"
 GRAPH_FILE = "graph.npz"
@@ -32,8 +46,13 @@ class FeatureLayout:
     aggregated: list[str]
     graph: list[str]  # derived graph feature names, in order
     descriptions: dict[str, str] = field(default_factory=dict)
-    history: GraphHistory | None = None  # None: no links, or an edge list (not servable)
+    history: GraphHistory | None = None  # transductive: the training rows; None: no links, an edge list, or state
     uses_edges: bool = False
+    state: StateLayout | None = None  # time-true: the live entity state the graph columns are served from
+
+    @property
+    def protocol(self) -> str:
+        return TIME_TRUE if self.state is not None else TRANSDUCTIVE
 
     @property
     def names(self) -> list[str]:
@@ -46,34 +65,50 @@ class FeatureLayout:
 
     @classmethod
     def fit(
-        cls, dataset: Dataset, train_rows: np.ndarray, graph_features: bool = True
+        cls, dataset: Dataset, train_rows: np.ndarray, graph_features: bool = True,
+        windows_s: tuple[int, ...] = (3600, 86400, 604800, 2592000), retention_s: int = 2592000,
     ) -> tuple["FeatureLayout", np.ndarray]:
-        """The layout and the float64 matrix of every row of ``dataset`` (graph over all rows: transductive);
-        without ``graph_features`` the links and edges are ignored."""
+        """The layout and the float64 matrix of every row of ``dataset``; without ``graph_features`` the links and
+        edges are ignored. With a time column the entity features are the state's, by replay (time-true); without
+        one, neighbour aggregates over all rows (transductive)."""
         spec = dataset.spec
         links = dict(dataset.links) if graph_features else {}
         edges = dataset.edges if graph_features else None
+        times = getattr(dataset, "times", None)
         vocabularies = {
             name: sorted({v for v in values[train_rows] if v}) for name, values in dataset.categorical.items()
         }
         aggregated_idx = [spec.numeric_features.index(a) for a in spec.aggregated]
-        graph = build_graph_features(links, dataset.numeric[:, aggregated_idx], spec.aggregated, edges)
+        state = None
+        if links and times is not None and edges is None:
+            state = StateLayout(tuple(links), tuple(spec.aggregated), tuple(windows_s), retention_s)
+            graph_names = state.names
+            graph_values = replay_features(state, timeline_of(dataset))
+            history = None
+        else:
+            graph = build_graph_features(links, dataset.numeric[:, aggregated_idx], spec.aggregated, edges)
+            graph_names, graph_values = graph.names, graph.values
+            history = graph.history if links else None
         layout = cls(
             numeric=list(spec.numeric_features),
             categorical=vocabularies,
             links=list(links),
             aggregated=list(spec.aggregated),
-            graph=graph.names,
-            history=graph.history if links else None,
+            graph=graph_names,
+            history=history,
             uses_edges=edges is not None,
+            state=state,
         )
+        describe = (lambda n: describe_state_feature(n, spec.feature_descriptions)) if state else (
+            lambda n: describe_graph_feature(n, spec.feature_descriptions))
         layout.descriptions = {
             **{n: spec.feature_descriptions.get(n, n) for n in spec.numeric_features},
             **{f"{c}={v}": f"{spec.feature_descriptions.get(c, c)} is {v}" for c, vs in vocabularies.items() for v in vs},
-            **{n: describe_graph_feature(n, spec.feature_descriptions) for n in graph.names},
+            **{n: describe(n) for n in graph_names},
         }
         matrix = np.column_stack(
-            [dataset.numeric, layout._codes([dataset.categorical[c] for c in layout.categorical], len(dataset)), graph.values]
+            [dataset.numeric, layout._codes([dataset.categorical[c] for c in layout.categorical], len(dataset)),
+             graph_values]
         )
         return layout, matrix
 
@@ -88,11 +123,17 @@ class FeatureLayout:
         return np.column_stack(blocks) if blocks else np.zeros((n, 0))
 
     def transform(
-        self, numeric: np.ndarray, attributes: Sequence[Mapping[str, str]], entities: Sequence[Mapping[str, str]]
+        self, numeric: np.ndarray, attributes: Sequence[Mapping[str, str]], entities: Sequence[Mapping[str, str]],
+        state_features: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Rows of new events as the pre-anomaly matrix (float64); the serving path of ``fit``."""
+        """Rows of new events as the pre-anomaly matrix (float64); the serving path of ``fit``. A time-true layout
+        takes the entity columns from ``state_features`` (the live state's ``step`` for these events)."""
         n = len(numeric)
         codes = self._codes([np.array([a.get(c, "") for a in attributes], dtype=object) for c in self.categorical], n)
+        if self.state is not None:
+            if state_features is None or state_features.shape != (n, len(self.graph)):
+                raise ValueError(f"a time-true layout needs state features [{n}, {len(self.graph)}]")
+            return np.column_stack([numeric, codes, state_features])
         if self.graph and self.history is None:
             raise ValueError("this model's graph features come from an edge list and cannot be served")
         graph = np.zeros((n, 0))
@@ -106,15 +147,37 @@ class FeatureLayout:
         body = {
             "numeric": self.numeric, "categorical": self.categorical, "links": self.links,
             "aggregated": self.aggregated, "graph": self.graph, "descriptions": self.descriptions,
-            "uses_edges": self.uses_edges,
+            "uses_edges": self.uses_edges, "state": self.state.to_json() if self.state else None,
         }
         (folder / LAYOUT_FILE).write_text(json.dumps(body, indent=1))
         if self.history is not None:
             self.history.save(folder / GRAPH_FILE)
+        else:
+            (folder / GRAPH_FILE).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, folder: Path) -> "FeatureLayout":
         folder = Path(folder)
         body = json.loads((folder / LAYOUT_FILE).read_text())
-        history = GraphHistory.load(folder / GRAPH_FILE) if (folder / GRAPH_FILE).exists() else None
-        return cls(**body, history=history)
+        state = StateLayout.from_json(body.pop("state")) if body.get("state") else None
+        body.pop("state", None)
+        history = None
+        if state is None and (folder / GRAPH_FILE).exists():
+            history = GraphHistory.load(folder / GRAPH_FILE)
+        return cls(**body, history=history, state=state)
+
+
+def timeline_of(dataset: Dataset) -> Timeline:
+    """The data set's events and label arrivals (it must have a time column)."""
+    times = getattr(dataset, "times", None)
+    if times is None:
+        raise ValueError(f"data set {dataset.spec.name} has no time column")
+    spec = dataset.spec
+    label_times = getattr(dataset, "label_times", None)
+    if label_times is None:
+        label_times = np.asarray(times, dtype=np.float64).copy()
+    aggregated_idx = [spec.numeric_features.index(a) for a in spec.aggregated]
+    return Timeline(
+        ids=dataset.ids, times=np.asarray(times, dtype=np.float64), entities=dataset.links,
+        values=dataset.numeric[:, aggregated_idx], labels=dataset.labels, label_times=label_times,
+    )

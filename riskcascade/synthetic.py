@@ -50,12 +50,28 @@ leans "shady" for fraud and plain for twins, a weak hint the reasoner may use.
 
 Features
 --------
-Per-event features are drawn by the pattern that produced the event. Graph features are computed afterwards
-from all events together, as a feature store would: distinct accounts on the event's device and IP and on the
-account's payment instruments, how many of the account's entities other accounts also use, and the share of a
-seller's orders placed by accounts younger than ``NEW_ACCOUNT_DAYS``. Features that do not apply to an event
-type are 0 (no amount on a login, no rating off a review, no seller on a payout). The generator never emits
-missing values; the model is still trained to accept them (see ``riskcascade.training``).
+Per-event features are drawn by the pattern that produced the event. Graph features are computed afterwards,
+once every event has its time, as a feature store would have served them at that moment: each event counts only
+the events at or before it, itself included, never a later one. Events in the same second are taken in the
+order ``generate_events`` emits them (a stable sort of the times, so generation order breaks ties): of two such
+events the first does not see the second. The graph features are the distinct accounts seen so far on the
+event's device and IP, the most accounts so far on any payment instrument the account has used so far, how many
+of the account's devices, IPs and instruments (so far) another account has also used (so far), and the share of
+the seller's orders so far placed by accounts younger than ``NEW_ACCOUNT_DAYS``. Features that do not apply to
+an event type are 0 (no amount on a login, no rating off a review, no seller on a payout). The generator never
+emits missing values; the model is still trained to accept them (see ``riskcascade.training``).
+
+Label arrival
+-------------
+An outcome is not known when the event happens. ``label_known_at`` says when it became known, always strictly
+after ``occurred_at``; history as of a time may use a label only from then on. Fraud comes to light days later,
+at a pace set by who notices (``FRAUD_LABEL_LAG_DAYS``, lognormal, capped at ``FRAUD_LABEL_MAX_LAG_DAYS``):
+account takeover fastest, because the victim sees the login alert, the changed email or the missing payout
+(median 1.5 days); promo abuse, click farms and brushing when an investigation of promo spend, engagement or
+ratings gets to them (medians 4-6 days); collusion slowest, through chargebacks and payment-provider reports
+(median 8 days, tail to the 45-day chargeback deadline). A legitimate event is confirmed only when its dispute
+window (``LEGIT_DISPUTE_WINDOW_DAYS``: 7, 10 or 14 days) closes without a complaint, a few hours late
+(``LEGIT_LABEL_JITTER_HOURS``). Labels of late events therefore arrive after the simulated window ends.
 
 One ``numpy.random.Generator`` seeded from ``seed`` drives everything: the same ``(n_events, seed)`` gives the
 same events, and the same CSV byte for byte.
@@ -68,7 +84,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Literal, TypeVar
 
 import numpy as np
 
@@ -81,6 +97,10 @@ from riskcascade.synthetic_marketplace import (
     NEW_ACCOUNT_DAYS,
     ORDER,
     REVIEW,
+    SECONDS_PER_DAY,
+    SECONDS_PER_HOUR,
+    WINDOW_DAYS,
+    EventBatch,
     Population,
     build_legit_world,
     legit_events,
@@ -122,7 +142,18 @@ RISK_TYPE_SHARES = {  # how fraud events divide between the patterns
 }
 MIN_EVENTS = 200  # below this some fraud patterns would get no events at all
 WINDOW_START = datetime(2025, 1, 1, tzinfo=timezone.utc)  # events fall in [start, start + WINDOW_DAYS)
-WINDOW_DAYS = 30
+# When outcomes become known (see "Label arrival" in the module docstring).
+FRAUD_LABEL_LAG_DAYS = {  # risk type -> (median, lognormal sigma) of the days from the event to the fraud label
+    "account_takeover": (1.5, 0.8),  # the victim notices: login alert, changed email, missing payout
+    "collusion": (8.0, 0.7),  # chargebacks and payment-provider reports, slow with a long tail
+    "promo_abuse": (5.0, 0.6),  # investigations of promo spend batch through the redemptions
+    "brushing": (6.0, 0.6),  # rating-integrity reviews of the seller
+    "click_farm": (4.0, 0.6),  # engagement-anomaly investigations
+}
+FRAUD_LABEL_MAX_LAG_DAYS = 45.0  # the chargeback deadline: fraud not found by then stays unlabelled in practice
+LEGIT_DISPUTE_WINDOW_DAYS = (7, 10, 14)  # a legitimate event is confirmed when its window closes quietly
+LEGIT_LABEL_JITTER_HOURS = 6.0  # the job closing dispute windows runs up to this late
+LABEL_MIN_LAG_SECONDS = 3600  # no outcome is known within the hour of the event
 
 
 @dataclass(frozen=True)
@@ -137,51 +168,134 @@ class LabelledEvent:
     occurred_at: datetime
     label: int  # 1 fraud, 0 legitimate
     risk_type: str  # one of RISK_TYPES for fraud, "" for legitimate
+    label_known_at: datetime | None = None  # when the outcome became known; the generator always sets it
+
+
+# --- Point-in-time graph features ----------------------------------------------------------------------------
+# The helpers take events in generation order and ``rank``, each event's position in time order (``_time_order``);
+# an event sees the events of rank up to its own: itself and earlier, never later.
+
+
+def _time_order(seconds: np.ndarray) -> np.ndarray:
+    """Event indices in time order; events in the same second keep generation order. Also the output order."""
+    return np.argsort(seconds, kind="stable")
+
+
+def _as_of(
+    key: np.ndarray, rank: np.ndarray, update_key: np.ndarray, update_rank: np.ndarray, update_value: np.ndarray,
+    how: Literal["sum", "max"],
+) -> np.ndarray:
+    """For each query (key, rank), the sum or max (``how``) of the non-negative integer update values with the same
+    key and a rank no later than the query's (an update at the query's own rank counts); 0 where there are none."""
+    n_updates = len(update_key)
+    keys = np.concatenate([update_key, key])
+    ranks = np.concatenate([update_rank, rank])
+    values = np.concatenate([update_value.astype(np.int64), np.zeros(len(key), dtype=np.int64)])
+    is_query = np.arange(len(keys)) >= n_updates
+    order = np.lexsort((is_query, ranks, keys))  # by key, then rank, an update before a query of the same rank
+    k, v = keys[order], values[order]
+    starts = np.r_[True, k[1:] != k[:-1]]
+    group = np.cumsum(starts) - 1
+    if how == "sum":
+        running = np.cumsum(v)
+        running -= (running - v)[starts][group]  # minus everything before the key's first entry
+    else:  # lift each key above the ones before it so that one running max serves every key
+        lift = group * (int(v.max(initial=0)) + 1)
+        running = np.maximum.accumulate(v + lift) - lift
+    out = np.empty(len(keys), dtype=np.int64)
+    out[order] = running
+    return out[n_updates:]
+
+
+@dataclass(frozen=True)
+class _Holders:
+    """The distinct (entity, account) pairs of one entity kind, sorted by entity, then by the pair's first event."""
+
+    entity: np.ndarray
+    account: np.ndarray
+    first: np.ndarray  # rank of the pair's first event: from then on the account is seen on the entity
+    joined: np.ndarray  # accounts seen on the entity before this one (0 for the first)
+    size: np.ndarray  # accounts ever seen on the entity
+    second: np.ndarray  # rank at which the entity's second account appears; -1 if it never does
+
+
+def _holders(entity: np.ndarray, account: np.ndarray, rank: np.ndarray, n_accounts: int) -> _Holders:
+    has = entity >= 0
+    key, when = entity[has] * n_accounts + account[has], rank[has]
+    by_time = np.argsort(when)
+    pair, first_index = np.unique(key[by_time], return_index=True)
+    ent, acc, first = pair // n_accounts, pair % n_accounts, when[by_time][first_index]
+    order = np.lexsort((first, ent))
+    ent, acc, first = ent[order], acc[order], first[order]
+    starts = np.flatnonzero(np.r_[True, ent[1:] != ent[:-1]])
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(ent)]))
+    size = np.diff(np.r_[starts, len(ent)])[group]
+    second = np.where(size > 1, first[np.minimum(starts[group] + 1, len(ent) - 1)], -1)
+    return _Holders(ent, acc, first, np.arange(len(ent)) - starts[group], size, second)
+
+
+def _accounts_per_entity(entity: np.ndarray, h: _Holders, rank: np.ndarray) -> np.ndarray:
+    """For each event, the distinct accounts seen on its entity so far (0 where the event has none: no pair has
+    entity -1, so those queries find no update)."""
+    return _as_of(entity, rank, h.entity, h.first, np.ones(len(h.entity)), "sum").astype(float)
+
+
+def _most_accounts_per_instrument(account: np.ndarray, h: _Holders, rank: np.ndarray) -> np.ndarray:
+    """For each event, the most accounts seen so far on any instrument its account has used so far.
+
+    Each later account on an instrument raises the count of every earlier holder, so holder ``r`` of an instrument
+    gets an update (rank of the ``s``-th account's first use, ``s``) for every ``s`` from its own place on.
+    """
+    n_later = h.size - h.joined
+    holder = np.repeat(np.arange(len(h.entity)), n_later)
+    later = holder + np.arange(len(holder)) - np.repeat(np.cumsum(n_later) - n_later, n_later)
+    return _as_of(account, rank, h.account[holder], h.first[later], h.joined[later] + 1, "max").astype(float)
+
+
+def _shared_from(h: _Holders) -> tuple[np.ndarray, np.ndarray]:
+    """Accounts and ranks from which one of their entities is shared: the first holder's becomes shared when the
+    second account appears, every later holder's at its own first use."""
+    shared = h.size > 1
+    return h.account[shared], np.where(h.joined == 0, h.second, h.first)[shared]
+
+
+def _graph_features(
+    entity: dict[str, np.ndarray], account_age: np.ndarray, event_type: np.ndarray, rank: np.ndarray
+) -> dict[str, np.ndarray]:
+    account = entity["account"]
+    n_accounts = len(account_age)
+    holders = {kind: _holders(entity[kind], account, rank, n_accounts) for kind in ("device", "ip", "instrument")}
+    out = {
+        "device_account_count": _accounts_per_entity(entity["device"], holders["device"], rank),
+        "ip_account_count": _accounts_per_entity(entity["ip"], holders["ip"], rank),
+        "instrument_account_count": _most_accounts_per_instrument(account, holders["instrument"], rank),
+    }
+    sharer, since = (np.concatenate(parts) for parts in zip(*(_shared_from(h) for h in holders.values())))
+    out["shared_entity_count"] = _as_of(account, rank, sharer, since, np.ones(len(sharer)), "sum").astype(float)
+
+    seller = entity["seller"]
+    orders = np.flatnonzero((event_type == ORDER) & (seller >= 0))
+    young_buyer = account_age[account[orders]] < NEW_ACCOUNT_DAYS
+    order_count = _as_of(seller, rank, seller[orders], rank[orders], np.ones(len(orders)), "sum")
+    young_count = _as_of(seller, rank, seller[orders], rank[orders], young_buyer, "sum")
+    share = np.round(young_count / np.maximum(order_count, 1), 4)
+    out["seller_new_buyer_share"] = np.where(seller >= 0, share, 0.0)
+    return out
 
 
 # --- Assembly ------------------------------------------------------------------------------------------------
 
 
-def _accounts_per_entity(entity: np.ndarray, account: np.ndarray, n_accounts: int) -> np.ndarray:
-    """For each event, the number of distinct accounts seen on its entity (0 where the event has none)."""
-    has = entity >= 0
-    pairs = np.unique(entity[has] * n_accounts + account[has])
-    counts = np.bincount(pairs // n_accounts, minlength=int(entity.max()) + 1)
-    return np.where(has, counts[np.maximum(entity, 0)], 0).astype(float)
-
-
-def _graph_features(
-    entity: dict[str, np.ndarray], account_age: np.ndarray, event_type: np.ndarray
-) -> dict[str, np.ndarray]:
-    account = entity["account"]
-    n_accounts = len(account_age)
-    out = {
-        "device_account_count": _accounts_per_entity(entity["device"], account, n_accounts),
-        "ip_account_count": _accounts_per_entity(entity["ip"], account, n_accounts),
-    }
-    per_instrument_event = _accounts_per_entity(entity["instrument"], account, n_accounts)
-    per_account = np.zeros(n_accounts)
-    np.maximum.at(per_account, account, per_instrument_event)
-    out["instrument_account_count"] = per_account[account]
-
-    shared = np.zeros(n_accounts)
-    for kind in ("device", "ip", "instrument"):
-        has = entity[kind] >= 0
-        pairs = np.unique(entity[kind][has] * n_accounts + account[has])
-        owners = np.bincount(pairs // n_accounts)
-        pair_is_shared = owners[pairs // n_accounts] > 1
-        np.add.at(shared, (pairs % n_accounts)[pair_is_shared], 1)
-    out["shared_entity_count"] = shared[account]
-
-    seller = entity["seller"]
-    orders = (event_type == ORDER) & (seller >= 0)
-    young_buyer = account_age[account] < NEW_ACCOUNT_DAYS
-    n_sellers = int(seller.max()) + 1
-    order_count = np.bincount(seller[orders], minlength=n_sellers)
-    young_count = np.bincount(seller[orders & young_buyer], minlength=n_sellers)
-    share = np.round(young_count / np.maximum(order_count, 1), 4)
-    out["seller_new_buyer_share"] = np.where(seller >= 0, share[np.maximum(seller, 0)], 0.0)
-    return out
+def _label_lag_seconds(rng: np.random.Generator, risk_type: list[str]) -> np.ndarray:
+    """Seconds from each event until its outcome is known (see "Label arrival" in the module docstring)."""
+    n = len(risk_type)
+    median = np.array([FRAUD_LABEL_LAG_DAYS[r][0] if r else 0.0 for r in risk_type])
+    sigma = np.array([FRAUD_LABEL_LAG_DAYS[r][1] if r else 0.0 for r in risk_type])
+    fraud_days = np.minimum(median * np.exp(sigma * rng.standard_normal(n)), FRAUD_LABEL_MAX_LAG_DAYS)
+    window_days = rng.choice(np.array(LEGIT_DISPUTE_WINDOW_DAYS, dtype=float), n)
+    legit_days = window_days + rng.uniform(0, LEGIT_LABEL_JITTER_HOURS, n) / 24
+    days = np.where(median > 0, fraud_days, legit_days)
+    return np.maximum(np.round(days * 86400), LABEL_MIN_LAG_SECONDS).astype(np.int64)
 
 
 def _ip_address(ip_id: int) -> str:
@@ -215,7 +329,19 @@ class _Simulation:
     notes: list[str]
     risk_type: list[str]
     sophisticated: np.ndarray  # generated by a sophisticated cluster or a legitimate twin (diagnostics only)
+    cluster: np.ndarray  # the ring, batch, farm, brushing seller or takeover victim behind it; -1 for ordinary events
+    pattern: np.ndarray  # the risk type whose mechanism made it (fraud and legitimate twins); "" for ordinary events
     seconds: np.ndarray  # seconds after WINDOW_START
+    label_lag_seconds: np.ndarray  # seconds from the event until its label is known
+
+
+def _global_clusters(batches: list[EventBatch]) -> np.ndarray:
+    """Each event's cluster numbered across all batches (the batches number theirs from 0); -1 stays -1."""
+    out, offset = [], 0
+    for b in batches:
+        out.append(np.where(b.cluster >= 0, b.cluster + offset, -1))
+        offset += int(b.cluster.max(initial=-1)) + 1
+    return np.concatenate(out)
 
 
 def _simulate(n_events: int, seed: int) -> _Simulation:
@@ -235,7 +361,6 @@ def _simulate(n_events: int, seed: int) -> _Simulation:
     entity = {k: np.concatenate([b.entity[k] for b in batches]) for k in ENTITY_KINDS}
     feature = {k: np.concatenate([b.feature[k] for b in batches]) for k in DRAWN_FEATURES}
     account_age, seller_age = pop.account_age(), pop.seller_age()
-    feature.update(_graph_features(entity, account_age, event_type))
     account, seller = entity["account"], entity["seller"]
     feature["account_age_days"] = account_age[account]
     feature["seller_age_days"] = np.where(seller >= 0, seller_age[np.maximum(seller, 0)], 0.0)
@@ -249,25 +374,35 @@ def _simulate(n_events: int, seed: int) -> _Simulation:
         feature["shipping_billing_mismatch"],
     )
     feature["review_length"] = np.where(event_type == REVIEW, np.array([len(t) for t in notes], dtype=float), 0.0)
-    day, second = rng.integers(0, WINDOW_DAYS, n_events), rng.integers(0, 3600, n_events)
+    seconds = np.concatenate([b.seconds for b in batches])
+    feature["hour_of_day"] = (seconds % SECONDS_PER_DAY // SECONDS_PER_HOUR).astype(float)
+    risk_type = [b.risk_type for b in batches for _ in range(b.n)]
+    label_lag_seconds = _label_lag_seconds(rng, risk_type)
+    rank = np.empty(n_events, dtype=np.int64)
+    rank[_time_order(seconds)] = np.arange(n_events)
+    feature.update(_graph_features(entity, account_age, event_type, rank))  # needs the times: point in time
     return _Simulation(
         event_type=event_type,
         entity=entity,
         feature=feature,
         notes=notes,
-        risk_type=[b.risk_type for b in batches for _ in range(b.n)],
+        risk_type=risk_type,
         sophisticated=np.concatenate([b.sophisticated for b in batches]),
-        seconds=day * 86400 + feature["hour_of_day"].astype(np.int64) * 3600 + second,
+        cluster=_global_clusters(batches),
+        pattern=np.repeat(["", *RISK_TYPES, *RISK_TYPES], [b.n for b in batches]),
+        seconds=seconds,
+        label_lag_seconds=label_lag_seconds,
     )
 
 
 def generate_events(n_events: int, seed: int) -> list[LabelledEvent]:
     """``n_events`` labelled events, in time order, fully determined by ``(n_events, seed)``."""
     sim = _simulate(n_events, seed)
-    order = np.argsort(sim.seconds, kind="stable")
+    order = _time_order(sim.seconds)
     matrix = np.column_stack([sim.feature[name] for name in FEATURE_NAMES])[order].tolist()
     events = []
     for row, i in enumerate(order.tolist()):
+        occurred_at = WINDOW_START + timedelta(seconds=int(sim.seconds[i]))
         events.append(
             LabelledEvent(
                 case_id=f"syn{seed}-{row:06d}",
@@ -275,9 +410,10 @@ def generate_events(n_events: int, seed: int) -> list[LabelledEvent]:
                 entities=_entities(sim.entity, i),
                 features=dict(zip(FEATURE_NAMES, matrix[row])),
                 note=sim.notes[i],
-                occurred_at=WINDOW_START + timedelta(seconds=int(sim.seconds[i])),
+                occurred_at=occurred_at,
                 label=int(sim.risk_type[i] != ""),
                 risk_type=sim.risk_type[i],
+                label_known_at=occurred_at + timedelta(seconds=int(sim.label_lag_seconds[i])),
             )
         )
     return events
@@ -286,29 +422,51 @@ def generate_events(n_events: int, seed: int) -> list[LabelledEvent]:
 def split_events(
     events: list[LabelledEvent], seed: int, valid_share: float = 0.15, test_share: float = 0.15
 ) -> dict[str, list[LabelledEvent]]:
-    """Stratified (on label) random split into train / valid / test; each part keeps the input order."""
-    from riskcascade.datasets.splits import stratified_split  # the datasets package imports this module
+    """Time split: train on the past, validate on what follows, test on the future.
 
-    part = stratified_split(np.array([e.label for e in events]), seed, valid_share, test_share)
-    return {name: [e for e, p in zip(events, part) if p == name] for name in ("train", "valid", "test")}
+    Events are taken in ``occurred_at`` order (a stable sort, so events of the same time keep the input order):
+    the first ``1 - valid_share - test_share`` of them are train, the next ``valid_share`` valid, the last
+    ``test_share`` test. ``seed`` is accepted for the signature other splits share and not used. Raises
+    ValueError for shares outside (0, 1) or summing to 1 or more, and for a part without both labels.
+    """
+    if not (0 < valid_share < 1 and 0 < test_share < 1 and valid_share + test_share < 1):
+        raise ValueError("valid_share and test_share must be in (0, 1) and sum to less than 1")
+    ordered = sorted(events, key=lambda e: e.occurred_at)
+    n_valid, n_test = round(len(ordered) * valid_share), round(len(ordered) * test_share)
+    n_train = len(ordered) - n_valid - n_test
+    parts = {
+        "train": ordered[:n_train],
+        "valid": ordered[n_train : n_train + n_valid],
+        "test": ordered[n_train + n_valid :],
+    }
+    for name, part in parts.items():
+        if {e.label for e in part} != {0, 1}:
+            raise ValueError(f"the {name} part ({len(part)} events) does not hold both fraud and legitimate events")
+    return parts
 
 
 # --- CSV -----------------------------------------------------------------------------------------------------
 
 ENTITY_COLUMNS = ("account_id", "seller_id", "device_id", "ip", "payment_instrument_id")
 CSV_COLUMNS: tuple[str, ...] = (
-    ("case_id", "event_type", *ENTITY_COLUMNS, "occurred_at", *FEATURE_NAMES, "note", "label", "risk_type")
+    ("case_id", "event_type", *ENTITY_COLUMNS, "occurred_at", *FEATURE_NAMES, "note", "label", "risk_type",
+     "label_known_at")
 )
 
 
 def write_events_csv(path: str | Path, events: Iterable[LabelledEvent]) -> Path:
-    """Write events under the header CSV_COLUMNS: floats exactly (repr), times as ISO 8601 with offset."""
+    """Write events under the header CSV_COLUMNS: floats exactly (repr), times as ISO 8601 with offset.
+
+    Raises ValueError for an event without ``label_known_at``: the file could not be read back.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for e in events:
+            if e.label_known_at is None:
+                raise ValueError(f"event {e.case_id!r} has no label_known_at")
             writer.writerow(
                 [
                     e.case_id,
@@ -319,6 +477,7 @@ def write_events_csv(path: str | Path, events: Iterable[LabelledEvent]) -> Path:
                     e.note,
                     e.label,
                     e.risk_type,
+                    e.label_known_at.isoformat(),
                 ]
             )
     return path
@@ -376,6 +535,10 @@ def _parse_row(row: dict[str, str]) -> LabelledEvent:
         raise _BadCell("risk_type", risk_type, f"fraud needs one of {', '.join(RISK_TYPES)}")
     if label == 0 and risk_type:
         raise _BadCell("risk_type", risk_type, "must be empty for a legitimate event")
+    occurred_at = _parse_cell(row, "occurred_at", _timestamp)
+    label_known_at = _parse_cell(row, "label_known_at", _timestamp)
+    if label_known_at < occurred_at:
+        raise _BadCell("label_known_at", row["label_known_at"], "is before occurred_at")
     return LabelledEvent(
         case_id=_parse_cell(row, "case_id", _required_text),
         event_type=_parse_cell(row, "event_type", EventType),
@@ -385,9 +548,10 @@ def _parse_row(row: dict[str, str]) -> LabelledEvent:
         ),
         features={name: _parse_cell(row, name, _feature_value) for name in FEATURE_NAMES},
         note=row["note"],
-        occurred_at=_parse_cell(row, "occurred_at", _timestamp),
+        occurred_at=occurred_at,
         label=label,
         risk_type=risk_type,
+        label_known_at=label_known_at,
     )
 
 
@@ -438,6 +602,7 @@ def to_adjudicated_case(e: LabelledEvent) -> AdjudicatedCase:
         occurred_at=e.occurred_at,
         summary=_summary(e),
         text={NOTE_FIELD: e.note} if e.note else {},
+        label_known_at=e.label_known_at,
     )
 
 

@@ -13,6 +13,13 @@ share devices and buy from each other (collusion), a student dorm signing up in 
 (promo abuse), a new seller's launch where friends buy cheap items and leave short five-star reviews
 (brushing), flash-sale deal hunters clicking fast on a mobile network (click farm). Sophisticated fraud and
 its twin cannot be told apart from the features: that is the genuinely uncertain band the cascade escalates.
+
+Each cluster also acts at a tempo (``TEMPO``, laid out by ``cluster_times``): one active period placed at random
+in the window, worked in sittings whose events follow each other seconds to minutes apart. Plain clusters burst;
+sophisticated ones spread the same work out several times longer, except a share (``SOPHISTICATED_BURST_SHARE``)
+that a deadline keeps to the burst tempo. The twins are sophisticated clusters too, so they get the same mix of
+tempos: a dorm's promo night, a launch day, a flash-sale evening burst like a batch, a ring or a farm; velocity
+raises suspicion without settling it.
 """
 
 from __future__ import annotations
@@ -27,20 +34,25 @@ from riskcascade.synthetic_marketplace import (
     PAYOUT,
     PROMO,
     REVIEW,
+    SECONDS_PER_HOUR,
     SHADY,
     PLAIN,
+    WINDOW_OVERHANG_SHARE,
+    WINDOW_SECONDS,
     EventBatch,
     LegitWorld,
     Population,
+    Tempo,
     chance,
+    cluster_times,
     clusters,
     draw_event_types,
-    draw_hours,
     draw_ratings,
     draw_sessions,
     id_pool,
     lognormal,
     pick,
+    place_periods,
 )
 
 SOPHISTICATED_SHARE = {  # share of clusters per pattern that imitate legitimate users on most signals
@@ -64,6 +76,22 @@ BRUSHING_ACCOUNTS_PER_SELLER = (5, 15)
 BRUSHING_ESTABLISHED_SELLER_SHARE = 0.5  # brushers that are real sellers with real customers
 CLICK_FARM_EVENTS_PER_FARM = 120
 CLICK_FARM_SIZES = (40, 120)
+CLICK_FARM_CAMPAIGNS = 3  # promoted sellers per farm, one campaign each
+# Tempo (see the module docstring): pattern -> (burst tempo of plain clusters, slow tempo of sophisticated ones).
+TEMPO: dict[str, tuple[Tempo, Tempo]] = {
+    # per victim: logins, changes and the drain within hours to a day, one sitting after another; slowly over days
+    "account_takeover": (Tempo((0.5, 24), 1.5, 90), Tempo((48, 120), 1.0, 600)),
+    # a ring's trades over one to two weeks, a few at a sitting; sleepers one at a time over three to four weeks
+    "collusion": (Tempo((168, 336), 3.0, 150), Tempo((504, 648), 1.0, 600)),
+    # a batch's sign-ups and redemptions in a few hours, one account after another; over a day or two
+    "promo_abuse": (Tempo((1, 5), 12.0, 40), Tempo((12, 48), 2.0, 300)),
+    # a seller's campaign over a few days, several fake orders and reviews a sitting; over two to three weeks
+    "brushing": (Tempo((48, 120), 5.0, 60), Tempo((240, 480), 1.5, 600)),
+    # per campaign: bursts of the racks' phones firing in sequence within one to two days; at human pace over a week
+    "click_farm": (Tempo((24, 48), 15.0, 6), Tempo((120, 240), 3.0, 120)),
+}
+ATO_CAMPAIGN_HOURS = ((24, 96), (168, 336))  # a crew works through its victims over this (plain, slow crews)
+SOPHISTICATED_BURST_SHARE = 0.25  # sophisticated clusters that still act at the burst tempo (a promo's deadline)
 
 
 class FraudPattern(Protocol):
@@ -76,6 +104,11 @@ class FraudPattern(Protocol):
 def _either(flag: np.ndarray, sophisticated: float, plain: float) -> np.ndarray:
     """Per-entry probability: ``sophisticated`` where flag is set, ``plain`` elsewhere."""
     return np.where(flag, sophisticated, plain)
+
+
+def _slow(rng: np.random.Generator, sophisticated: np.ndarray) -> np.ndarray:
+    """Per cluster: whether it takes the slow tempo (sophisticated, and no deadline forcing a burst)."""
+    return sophisticated & ~chance(rng, SOPHISTICATED_BURST_SHARE, len(sophisticated))
 
 
 def account_takeover(
@@ -91,7 +124,8 @@ def account_takeover(
     who = victims[victim]
     crew_of_victim = np.arange(n_victims) // ATO_VICTIMS_PER_CREW
     crew, n_crews = crew_of_victim[victim], int(crew_of_victim[-1]) + 1
-    pro_victim = chance(rng, sophisticated_share, n_crews)[crew_of_victim]
+    pro_crew = chance(rng, sophisticated_share, n_crews)
+    pro_victim = pro_crew[crew_of_victim]
     pro = b.sophisticated = pro_victim[victim]
     spoof_device = chance(rng, _either(pro_victim, 0.9, 0.15), n_victims)[victim]
     victim_ip = chance(rng, _either(pro_victim, 0.9, 0.15), n_victims)[victim]  # residential proxy
@@ -126,9 +160,25 @@ def account_takeover(
     b.feature["password_reset_recent"] = chance(rng, _either(pro, 0.15, 0.65), n) * 1.0
     b.feature["promo_used"] = (order & chance(rng, 0.05, n)) * 1.0
     draw_sessions(b, rng, seconds=(170, 0.8), clicks=(9, 0.6))
-    b.feature["hour_of_day"] = draw_hours(rng, n, night_share=_either(pro, 0.15, 0.55))
+    _takeover_times(rng, b, victim, crew_of_victim, pro_crew)
     b.style = np.where(chance(rng, _either(pro, 0.25, 0.6), n), SHADY, PLAIN)
     return b
+
+
+def _takeover_times(
+    rng: np.random.Generator, b: EventBatch, victim: np.ndarray, crew_of_victim: np.ndarray, pro_crew: np.ndarray
+) -> None:
+    """Each crew works through its victims within one campaign (ATO_CAMPAIGN_HOURS); each victim's takeover is a
+    cluster of its own inside it. Plain crews strike at night more often."""
+    n_crews = len(pro_crew)
+    slow_crew = _slow(rng, pro_crew)
+    campaign = np.where(slow_crew, rng.uniform(*ATO_CAMPAIGN_HOURS[1], n_crews),
+                        rng.uniform(*ATO_CAMPAIGN_HOURS[0], n_crews)) * SECONDS_PER_HOUR
+    window = np.zeros(n_crews), np.full(n_crews, float(WINDOW_SECONDS))
+    start, campaign = place_periods(rng, campaign, *window, WINDOW_OVERHANG_SHARE)
+    cluster_times(rng, b, victim, TEMPO["account_takeover"], slow_crew[crew_of_victim],
+                  night_share=_either(pro_crew[crew_of_victim], 0.15, 0.55),
+                  within=(start[crew_of_victim], (start + campaign)[crew_of_victim]))
 
 
 def collusion(
@@ -181,7 +231,7 @@ def collusion(
     b.feature["review_rating"] = np.where(b.is_type(REVIEW), draw_ratings(rng, n, five_star_share=0.7), 0.0)
     b.terse = chance(rng, 0.3, n)
     draw_sessions(b, rng, seconds=(220, 0.8), clicks=(11, 0.6))
-    b.feature["hour_of_day"] = draw_hours(rng, n, night_share=0.2)
+    cluster_times(rng, b, ring, TEMPO["collusion"], _slow(rng, pro_ring), night_share=np.full(n_rings, 0.2))
     b.style = np.where(chance(rng, 0.25, n), SHADY, PLAIN)
     return b
 
@@ -223,7 +273,8 @@ def promo_abuse(
     b.feature["failed_logins_24h"] = rng.poisson(0.12, n).astype(float)
     b.feature["password_reset_recent"] = chance(rng, 0.03, n) * 1.0
     draw_sessions(b, rng, seconds=(110, 0.7), clicks=(10, 0.5))
-    b.feature["hour_of_day"] = draw_hours(rng, n, night_share=_either(pro, 0.1, 0.4))
+    cluster_times(rng, b, batch, TEMPO["promo_abuse"], _slow(rng, pro_batch),
+                  night_share=_either(pro_batch, 0.1, 0.4))
     b.style = np.where(chance(rng, _either(pro, 0.3, 0.6), n), SHADY, PLAIN)
     return b
 
@@ -273,7 +324,8 @@ def brushing(
     draw_sessions(b, rng, seconds=(60, 0.6), clicks=(5, 0.5))
     unhurried = np.round(lognormal(rng, n, median=200, sigma=0.8))
     b.feature["session_seconds"] = np.where(pro, unhurried, b.feature["session_seconds"])
-    b.feature["hour_of_day"] = draw_hours(rng, n, night_share=_either(pro, 0.1, 0.45))
+    cluster_times(rng, b, seller_idx, TEMPO["brushing"], _slow(rng, pro_seller),
+                  night_share=_either(pro_seller, 0.1, 0.45))
     return b
 
 
@@ -300,8 +352,10 @@ def click_farm(
     b.entity["device"] = member_device[member]
     b.entity["ip"] = np.where(pro, mobile_ips, pick(rng, id_pool(pop, "ip", n_farms, 2), farm))
     b.entity["instrument"] = np.where(order, pick(rng, id_pool(pop, "instrument", n_farms, 4), farm), -1)
-    promoted = world.sellers[rng.integers(0, len(world.sellers), (n_farms, 3))]
-    b.entity["seller"] = np.where(b.is_type(ORDER, REVIEW), pick(rng, promoted, farm), -1)
+    # Each campaign promotes one seller and is a cluster of its own in time: farms are hired per campaign.
+    promoted = world.sellers[rng.integers(0, len(world.sellers), (n_farms, CLICK_FARM_CAMPAIGNS))]
+    campaign = rng.integers(0, CLICK_FARM_CAMPAIGNS, n)
+    b.entity["seller"] = np.where(b.is_type(ORDER, REVIEW), promoted[farm, campaign], -1)
     b.feature["new_device"] = chance(rng, 0.1, n) * 1.0
     b.feature["new_ip"] = chance(rng, 0.2, n) * 1.0
     b.feature["amount"] = np.where(order, np.round(lognormal(rng, n, median=12, sigma=0.6), 2), 0.0)
@@ -317,7 +371,9 @@ def click_farm(
     b.feature["clicks_per_session"] = np.where(
         throttled, np.round(lognormal(rng, n, median=24, sigma=0.5)), b.feature["clicks_per_session"]
     )
-    b.feature["hour_of_day"] = draw_hours(rng, n, night_share=_either(pro, 0.1, 0.35))
+    pro_campaign = np.repeat(pro_farm, CLICK_FARM_CAMPAIGNS)
+    cluster_times(rng, b, farm * CLICK_FARM_CAMPAIGNS + campaign, TEMPO["click_farm"], _slow(rng, pro_campaign),
+                  night_share=_either(pro_campaign, 0.1, 0.35))
     return b
 
 

@@ -10,6 +10,11 @@ libraries and internet cafés put many accounts on one device; small companies s
 people travel (new IP on hotel Wi-Fi), buy new phones (new device), send gifts (shipping differs from billing),
 forget passwords (failed logins, a reset), buy in a hurry (short sessions), browse heavily (many clicks),
 write three-word five-star reviews; new users redeem welcome promos and flock to trending new sellers.
+
+Time: an ordinary account's events fall on random days of the window at hours drawn from a daily profile, and a
+share of them follow the account's previous event within minutes (log in, then order). Clusters (fraud rings,
+batches, farms and their legitimate twins) act within one active period in sittings: see ``Tempo`` and
+``cluster_times``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import numpy as np
 
 from riskcascade.domain import EventType
 
+WINDOW_DAYS = 30  # every event falls within this many days of the window's start
+SECONDS_PER_HOUR = 3600
+SECONDS_PER_DAY = 86400
+WINDOW_SECONDS = WINDOW_DAYS * SECONDS_PER_DAY
 NEW_ACCOUNT_DAYS = 30  # an account younger than this is "new" (seller_new_buyer_share, young buyers)
 EVENTS_PER_LEGIT_ACCOUNT = 5.0  # average legitimate activity per account over the window
 EVENTS_PER_SELLER = 150.0  # legitimate events per legitimate seller
@@ -54,6 +63,14 @@ LEGIT_HEAVY_BROWSER_SHARE = 0.04  # very many clicks
 LEGIT_POWER_SHOPPER_SHARE = 0.05  # many orders a day
 LEGIT_TERSE_REVIEW_SHARE = 0.20
 LEGIT_NIGHT_SHARE = 0.08  # events drawn from the night-time hour profile
+LEGIT_FOLLOW_UP_SHARE = 0.25  # events that continue the account's previous activity (log in, then order)
+LEGIT_FOLLOW_UP_GAP_SECONDS = 240.0  # median time from the previous event to a follow-up (lognormal)
+LEGIT_KIOSK_QUEUE_SHARE = 0.8  # events on a public computer that come right after its previous user's
+LEGIT_KIOSK_QUEUE_GAP_SECONDS = 300.0
+LEGIT_LOUNGE_SHARE = 0.5  # events on hotel / airport Wi-Fi that come right after another traveller's there
+LEGIT_LOUNGE_GAP_SECONDS = 400.0
+WINDOW_OVERHANG_SHARE = 0.65  # share of a cluster's active period that may fall outside the window and be cut
+SITTING_GAP_SIGMA = 1.0  # lognormal spread of the time between consecutive events of a cluster's sitting
 LEGIT_SHADY_WORDING_SHARE = 0.05  # notes worded like a fraudster's ("ship to freight forwarder")
 LEGIT_MIX = {
     EventType.ORDER: 0.45,
@@ -77,6 +94,9 @@ ACCOUNT_CHANGE = CODE[EventType.ACCOUNT_CHANGE]
 WITH_SELLER = (ORDER, REVIEW, PROMO)
 WITH_INSTRUMENT = (ORDER, PAYOUT, PROMO)
 ENTITY_KINDS = ("account", "device", "ip", "instrument", "seller")
+SITTING_STAGES = (EventType.LOGIN, EventType.ACCOUNT_CHANGE, EventType.PROMO_REDEMPTION, EventType.ORDER,
+                  EventType.REVIEW, EventType.PAYOUT)  # the order of a sitting's events: log in first, cash out last
+SITTING_STAGE = np.array([SITTING_STAGES.index(t) for t in EVENT_TYPES])  # event type code -> place in a sitting
 DRAWN_FEATURES = (  # features a pattern draws per event; the rest are derived after assembly
     "amount",
     "orders_last_24h",
@@ -89,8 +109,7 @@ DRAWN_FEATURES = (  # features a pattern draws per event; the rest are derived a
     "clicks_per_session",
     "review_rating",
     "shipping_billing_mismatch",
-    "hour_of_day",
-)
+)  # hour_of_day is derived from the event's time
 PLAIN, SHADY = 0, 1  # wording style of an event's free-text note
 
 
@@ -164,6 +183,8 @@ class EventBatch:
         self.style = np.full(n, PLAIN, dtype=np.int64)
         self.terse = np.zeros(n, dtype=bool)  # review text is a few words
         self.sophisticated = np.zeros(n, dtype=bool)  # made by a cluster imitating legitimate users
+        self.seconds = np.zeros(n, dtype=np.int64)  # when the event happened: seconds after the window's start
+        self.cluster = np.full(n, -1, dtype=np.int64)  # the batch's cluster that made it; -1 for none
 
     def is_type(self, *codes: int) -> np.ndarray:
         return np.isin(self.event_type, codes)
@@ -222,6 +243,105 @@ def clusters(
     cluster = rng.integers(0, n_clusters, n_events)
     member = first[cluster] + (rng.random(n_events) * size[cluster]).astype(np.int64)
     return cluster, member, np.repeat(np.arange(n_clusters), size)
+
+
+@dataclass(frozen=True)
+class Tempo:
+    """How a cluster spreads its events in time: one active period, worked in sittings (bursts of activity)."""
+
+    span_hours: tuple[float, float]  # length of the cluster's active period, uniform in this range
+    events_per_sitting: float  # average events per sitting; the cluster's events divide into sittings of about this
+    gap_seconds: float  # median time between consecutive events of a sitting (lognormal, SITTING_GAP_SIGMA)
+
+
+def cluster_times(
+    rng: np.random.Generator,
+    b: EventBatch,
+    cluster: np.ndarray,
+    tempo: tuple[Tempo, Tempo],
+    slow: np.ndarray,
+    night_share: np.ndarray,
+    within: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """Set ``b.seconds`` and ``b.cluster``: each cluster acts within one active period, in sittings.
+
+    ``cluster`` is each event's cluster; ``slow`` and ``night_share`` are per cluster. A cluster takes the second
+    tempo of ``tempo`` where ``slow`` is set, the first elsewhere. Its active period lies in the window, placed by
+    ``place_periods``, or inside its own bounds ``within`` (per cluster: earliest start, latest end), e.g. a
+    crew's campaign. Its sittings fall at random moments of the period: a period shorter than a day starts at an
+    hour drawn from the day/night profile with ``night_share``; on longer ones each sitting moves to such an hour
+    of its own day. A sitting's events follow each other in ``SITTING_STAGES`` order, lognormal gaps apart. A
+    cluster whose last sitting runs past the window's end moves back by as much.
+    """
+    fast_tempo, slow_tempo = tempo
+    n_clusters = len(slow)
+    span = np.where(slow, rng.uniform(*slow_tempo.span_hours, n_clusters), rng.uniform(*fast_tempo.span_hours,
+                    n_clusters)) * SECONDS_PER_HOUR
+    if within is None:
+        lo, hi, overhang = np.zeros(n_clusters), np.full(n_clusters, float(WINDOW_SECONDS)), WINDOW_OVERHANG_SHARE
+    else:
+        (lo, hi), overhang = within, 0.0
+    start, span = place_periods(rng, span, lo, hi, overhang)
+    short = span < SECONDS_PER_DAY
+    start = np.where(short, np.clip(_at_profile_hour(rng, start, night_share), lo, hi - span), start)
+    per_sitting = np.where(slow, slow_tempo.events_per_sitting, fast_tempo.events_per_sitting)
+    sitting, owner = _deal_to_sittings(rng, cluster, np.round(np.bincount(cluster, minlength=n_clusters) / per_sitting))
+    opens = start[owner] + rng.random(len(owner)) * span[owner]
+    opens = np.where(short[owner], opens, _at_profile_hour(rng, opens, night_share[owner]))
+
+    order = np.lexsort((rng.random(b.n), SITTING_STAGE[b.event_type], sitting))  # each sitting's events in turn
+    s = sitting[order]
+    first = np.r_[True, s[1:] != s[:-1]]
+    gap = np.where(slow, slow_tempo.gap_seconds, fast_tempo.gap_seconds)[cluster[order]]
+    elapsed = np.cumsum(np.where(first, 0.0, lognormal(rng, b.n, median=gap, sigma=SITTING_GAP_SIGMA)))
+    seconds = np.empty(b.n, dtype=np.int64)
+    seconds[order] = np.floor(opens[s] + elapsed - elapsed[first][np.cumsum(first) - 1])
+    last = np.zeros(n_clusters, dtype=np.int64)
+    np.maximum.at(last, cluster, seconds)
+    overrun = np.maximum(last - (WINDOW_SECONDS - 1), 0)
+    b.seconds = np.maximum(seconds - overrun[cluster], 0)
+    b.cluster = cluster.astype(np.int64)
+
+
+def _deal_to_sittings(
+    rng: np.random.Generator, cluster: np.ndarray, n_sittings: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deal each cluster's events in random order to its ``n_sittings`` (at least one) sittings, evenly.
+
+    Returns each event's sitting (numbered over all clusters) and each sitting's cluster.
+    """
+    n_sittings = np.maximum(1, n_sittings).astype(np.int64)
+    size = np.bincount(cluster, minlength=len(n_sittings))
+    dealt = np.lexsort((rng.random(len(cluster)), cluster))
+    place = np.empty(len(cluster), dtype=np.int64)
+    place[dealt] = np.arange(len(cluster)) - (np.cumsum(size) - size)[cluster[dealt]]
+    sitting = (np.cumsum(n_sittings) - n_sittings)[cluster] + place % n_sittings[cluster]
+    return sitting, np.repeat(np.arange(len(n_sittings)), n_sittings)
+
+
+def place_periods(
+    rng: np.random.Generator, span: np.ndarray, lo: np.ndarray, hi: np.ndarray, overhang: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of active periods of length ``span`` (seconds), each cut to its bounds [``lo``, ``hi``).
+
+    A period starts uniformly where it overlaps its bounds by at least ``1 - overhang`` of its length (``overhang``
+    0: where it fits; a period longer than its bounds fills them) and is cut to the bounds, as an extract of a
+    longer history would cut it. Placed over the window with ``WINDOW_OVERHANG_SHARE``, periods of a week or more
+    keep activity within about a fifth of even up to the window's edges, where periods that had to fit whole would
+    thin it out over the first and last ``span``.
+    """
+    room = np.maximum(hi - lo - span, 0)
+    start = lo - overhang * span + rng.random(len(span)) * (room + 2 * overhang * span)
+    end = np.minimum(start + span, hi)
+    start = np.maximum(start, lo)
+    return start, end - start
+
+
+def _at_profile_hour(rng: np.random.Generator, seconds: np.ndarray, night_share: np.ndarray) -> np.ndarray:
+    """The same days as ``seconds``, at a random moment of an hour drawn from the day/night profile."""
+    day = seconds // SECONDS_PER_DAY
+    hour = draw_hours(rng, len(seconds), night_share)
+    return day * SECONDS_PER_DAY + (hour + rng.random(len(seconds))) * SECONDS_PER_HOUR
 
 
 def id_pool(pop: Population, kind: str, owners: int, per_owner: int) -> np.ndarray:
@@ -347,6 +467,36 @@ def legit_events(world: LegitWorld, pop: Population, rng: np.random.Generator, n
     )
     b.feature["review_rating"] = np.where(b.is_type(REVIEW), draw_ratings(rng, n, five_star_share=0.0), 0.0)
     b.terse = chance(rng, LEGIT_TERSE_REVIEW_SHARE, n)
-    b.feature["hour_of_day"] = draw_hours(rng, n, night_share=LEGIT_NIGHT_SHARE)
+    # Who an event follows in time: the previous user of a public computer, another traveller in the same lounge,
+    # otherwise the account's own previous activity.
+    kind = np.where(public_device, 2, np.where(travelling, 1, 0))
+    key = np.where(public_device, b.entity["device"], np.where(travelling, b.entity["ip"], account))
+    follow_share = np.array([LEGIT_FOLLOW_UP_SHARE, LEGIT_LOUNGE_SHARE, LEGIT_KIOSK_QUEUE_SHARE])[kind]
+    gap = np.array([LEGIT_FOLLOW_UP_GAP_SECONDS, LEGIT_LOUNGE_GAP_SECONDS, LEGIT_KIOSK_QUEUE_GAP_SECONDS])[kind]
+    b.seconds = _legit_times(rng, kind * (int(key.max()) + 1) + key, follow_share, gap)
     b.style = np.where(chance(rng, LEGIT_SHADY_WORDING_SHARE, n), SHADY, PLAIN)
     return b
+
+
+def _legit_times(
+    rng: np.random.Generator, key: np.ndarray, follow_share: np.ndarray, gap_seconds: np.ndarray
+) -> np.ndarray:
+    """Times of ordinary events: a random day of the window at a day/night-profile hour; with probability
+    ``follow_share`` instead right after another event of the same ``key``, a lognormal ``gap_seconds`` later
+    (per event: the median)."""
+    n = len(key)
+    day = rng.integers(0, WINDOW_DAYS, n)
+    seconds = _at_profile_hour(rng, day * SECONDS_PER_DAY, np.full(n, LEGIT_NIGHT_SHARE)).astype(np.int64)
+    # Each key's events in random order; a follow-up comes after the one before it in that order. (In time order,
+    # follow-ups would pull later events forward and thin out the end of the window.)
+    order = np.lexsort((rng.random(n), key))
+    sorted_key = key[order]
+    follows = chance(rng, follow_share[order], n) & np.r_[False, sorted_key[1:] == sorted_key[:-1]]
+    gap = np.where(follows, np.round(lognormal(rng, n, median=gap_seconds[order], sigma=1.0)) + 1, 0)
+    anchor = ~follows  # a follow-up is timed from the last event before it that is not one
+    elapsed = np.cumsum(gap)
+    group = np.cumsum(anchor) - 1
+    timed = seconds[order][anchor][group] + elapsed - elapsed[anchor][group]
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.minimum(timed, WINDOW_SECONDS - 1)
+    return out

@@ -50,9 +50,9 @@ from riskcascade.anomaly import (  # noqa: E402
     sklearn_parity,
 )
 from riskcascade.calibration import PlattCalibrator  # noqa: E402
-from riskcascade.config import Settings, TrainingSettings  # noqa: E402
+from riskcascade.config import Settings, StateSettings, TrainingSettings  # noqa: E402
 from riskcascade.datasets.format import SPLIT_NAMES, Dataset  # noqa: E402
-from riskcascade.datasets.splits import stratified_split  # noqa: E402
+from riskcascade.datasets.splits import choose_split  # noqa: E402
 from riskcascade.evaluation import split_metrics  # noqa: E402
 from riskcascade.features import FeatureLayout  # noqa: E402
 from riskcascade.model_card import (  # noqa: E402
@@ -221,24 +221,77 @@ class TrainedModel:
 
 
 def split_of(dataset: Dataset, index: int, config: TrainingSettings, seed: int) -> np.ndarray:
-    """The data set's fixed split ``index``, or a stratified one drawn with ``seed`` when it has none."""
-    if dataset.splits:
-        return dataset.splits[index]
-    return stratified_split(dataset.labels, seed, config.valid_share, config.test_share)
+    """The data set's fixed split ``index``, else by ``config.split_rule`` (auto: by time when the data set has a
+    time column, else stratified with ``seed``)."""
+    return choose_split(dataset, index, config.split_rule, config.valid_share, config.test_share, seed).split
+
+
+def label_cutoffs(dataset: Dataset, split: np.ndarray) -> dict[str, float]:
+    """On a time-ordered split with label times: when the fitting parts' labels must have arrived by, for a model
+    fitted (and calibrated, band included) when the test period starts. {} for a split that is not ordered by time
+    (a stratified split mixes periods) or data without label times."""
+    times, label_times = getattr(dataset, "times", None), getattr(dataset, "label_times", None)
+    if times is None or label_times is None:
+        return {}
+    parts = {name: times[split == name] for name in SPLIT_NAMES}
+    if any(len(p) == 0 for p in parts.values()):
+        return {}
+    if parts["train"].max() > parts["valid"].min() or parts["valid"].max() > parts["test"].min():
+        return {}
+    start = float(parts["test"].min())
+    return {"train": start, "valid": start}
+
+
+def labels_after_test_start(dataset: Dataset, split: np.ndarray) -> float | None:
+    """Share of the train and valid labels that arrived after the test period started (what the default protocol's
+    fitting knows that a model fitted at that moment could not); None without label times or a time-ordered split."""
+    cutoffs = label_cutoffs(dataset, split)
+    if not cutoffs:
+        return None
+    fitting = np.isin(split, ("train", "valid")) & (dataset.labels >= 0)
+    return float(np.mean(dataset.label_times[fitting] > cutoffs["valid"]))
+
+
+def _early_stopping(patience: int, min_rounds: int):  # noqa: ANN202 - a LightGBM callback
+    """LightGBM's early stopping that never stops before ``min_rounds`` trees: on a few thousand rows the
+    validation metric is noisy and stopped training after 15-57 trees, costing quality."""
+    inner = lgb.early_stopping(patience, verbose=False)
+
+    def callback(env: Any) -> None:
+        try:
+            inner(env)
+        except lgb.callback.EarlyStopException:
+            if env.iteration + 1 >= min_rounds:
+                raise
+
+    callback.order = inner.order  # type: ignore[attr-defined]
+    return callback
 
 
 def fit_fast_model(
-    dataset: Dataset, split: np.ndarray, config: TrainingSettings, seed: int, progress: bool = False
+    dataset: Dataset, split: np.ndarray, config: TrainingSettings, seed: int, progress: bool = False,
+    state: StateSettings | None = None,
 ) -> TrainedModel:
-    """Fit the whole fast model on one split of ``dataset``; RuntimeError when ONNX disagrees with LightGBM."""
+    """Fit the whole fast model on one split of ``dataset``; RuntimeError when ONNX disagrees with LightGBM.
+
+    Rows without a label (labels -1) feed the entity features (state, graph) and never the loss or the metrics.
+    ``state`` gives the windows of the time-true entity features (defaults when None)."""
     clock = _StageClock(progress)
+    state = state or StateSettings()
     try:
-        rows = {name: split == name for name in SPLIT_NAMES}
+        labelled = dataset.labels >= 0
+        rows = {name: (split == name) & labelled for name in SPLIT_NAMES}
+        cutoffs = label_cutoffs(dataset, split) if config.labels_known_by_split else {}
+        for name, cutoff in cutoffs.items():  # labels not yet arrived at fitting time feed only the entity state
+            rows[name] &= dataset.label_times <= cutoff
         y = {name: dataset.labels[mask] for name, mask in rows.items()}
         rng = np.random.default_rng(seed)
 
         clock.start("features")
-        layout, matrix = FeatureLayout.fit(dataset, rows["train"], graph_features=config.graph_features)
+        layout, matrix = FeatureLayout.fit(
+            dataset, rows["train"], graph_features=config.graph_features, windows_s=state.windows_s,
+            retention_s=state.retention_s,
+        )
         x_all = matrix.astype(np.float32)
         names = list(layout.names)
 
@@ -271,9 +324,9 @@ def fit_fast_model(
         valid_set = lgb.Dataset(x["valid"], y["valid"], reference=train_set)
         booster = lgb.train(
             params, train_set, num_boost_round=config.max_boost_rounds, valid_sets=[valid_set],
-            callbacks=[lgb.early_stopping(config.early_stopping_rounds, verbose=False)],
+            callbacks=[_early_stopping(config.early_stopping_rounds, config.min_boost_rounds)],
         )
-        best_iteration = booster.best_iteration or booster.current_iteration()
+        best_iteration = max(booster.best_iteration or 0, min(config.min_boost_rounds, booster.current_iteration()))
         trained = lgb.Booster(model_str=booster.model_to_string(num_iteration=best_iteration))
         booster = lgb.Booster(model_str=snap_thresholds_to_float32(trained.model_to_string()))
 
@@ -303,7 +356,12 @@ def fit_fast_model(
         raw_test = booster.predict(x["test"])
         calibrated_test = calibrator.apply(raw_test)
         risk_types = dataset.risk_types[rows["test"]] if dataset.risk_types is not None else None
-        metrics: dict[str, Any] = {"split": "test", **split_metrics(calibrated_test, y["test"], risk_types)}
+        metrics: dict[str, Any] = {
+            "split": "test", "feature_protocol": layout.protocol,
+            "label_cutoffs": {name: datetime.fromtimestamp(t, timezone.utc).isoformat() for name, t in cutoffs.items()},
+            "fitting_labels_after_test_start": labels_after_test_start(dataset, split),
+            **split_metrics(calibrated_test, y["test"], risk_types),
+        }
         metrics.update(_band_metrics(calibrated_test, y["test"], band, config.band_rule, costs))
         metrics["log_loss_raw"] = float(log_loss(y["test"], raw_test, labels=[0, 1]))
         metrics["log_loss_calibrated"] = float(log_loss(y["test"], calibrated_test, labels=[0, 1]))
@@ -328,7 +386,7 @@ def fit_fast_model(
             metrics=metrics,
             test_scores=calibrated_test,
             test_labels=y["test"],
-            counts={name: int(mask.sum()) for name, mask in rows.items()},
+            counts={**{name: int(mask.sum()) for name, mask in rows.items()}, "unlabelled": int((~labelled).sum())},
             fraud_rate={name: float(v.mean()) for name, v in y.items()},
             input_scaling=FeatureScaling(
                 mean=np.nanmean(inputs, axis=0).tolist(),
@@ -423,5 +481,6 @@ def train_model(settings: Settings, dataset: Dataset, progress: bool = True, dat
                 ) -> ModelCard:
     """Train on the data set's first split (or a stratified one) and write the model into ``settings.model.dir``."""
     split = split_of(dataset, 0, settings.training, settings.data.seed)
-    model = fit_fast_model(dataset, split, settings.training, settings.data.seed, progress=progress)
+    model = fit_fast_model(dataset, split, settings.training, settings.data.seed, progress=progress,
+                           state=settings.state)
     return write_model(model, settings.model.dir, data or {})

@@ -90,6 +90,7 @@ def write_platform_config(workdir: Path, otlp_endpoint: str, **overrides) -> Pat
         "data": {"dir": str(workdir / "data"), "n_events": TEST_EVENTS, "seed": 11},
         "retrieval": {"backend": "edge", "edge_path": str(workdir / "edge")},
         "store": {"sqlite_path": str(workdir / "decisions.sqlite")},
+        "state": {"log_path": str(workdir / "entity-state.sqlite")},
         "tracing": {"exporter": "otlp", "otlp_endpoint": otlp_endpoint},
         # Generous time margins make the deadline paths deterministic on a slow machine: a call with less than
         # 300 ms left never reaches a stage, and one with less than 1 s left after scoring is not escalated.

@@ -52,10 +52,11 @@ def _small_platform(tmp_path):
     from riskcascade.model_card import (
         CalibrationSpec, FeatureScaling, ModelCard, OnnxSpec, Thresholds, write_model_card,
     )
-    from riskcascade.synthetic import FEATURE_NAMES, generate_events, write_events_csv
+    from riskcascade.synthetic import FEATURE_NAMES, generate_events, split_events, write_events_csv
 
     events = generate_events(300, seed=4)
-    write_events_csv(tmp_path / "data" / "train.csv", events)
+    for name, part in split_events(events, 4).items():  # `index` reads every split (labels carry their time)
+        write_events_csv(tmp_path / "data" / f"{name}.csv", part)
     x = np.array([[e.features[f] for f in FEATURE_NAMES] for e in events])
     (tmp_path / "model").mkdir()
     write_model_card(tmp_path / "model", ModelCard(
@@ -120,3 +121,41 @@ def test_eval_cascade_options_are_checked(tmp_path):
     assert yelp.exit_code == 2 and "synthetic" in yelp.output
     missing = CliRunner().invoke(main, ["eval", "--config", str(cfg), "--cascade", "--quiet"])
     assert missing.exit_code == 1 and "riskcascade train" in missing.output
+
+
+# -- eval --repeats: refused where it would not draw new splits -----------------------------------------------------
+
+
+def _tiny_dataset(folder: Path, split_column: bool) -> Path:
+    """A 40-row data set in the documented format with a time column, and a split column if asked."""
+    import yaml
+
+    rows = ["id,label,x,at,split"]
+    parts = ("train", "valid", "test", "train", "valid", "test", "train")
+    for i in range(40):
+        rows.append(f"e{i},{i % 2},{i},2025-01-{1 + i // 24:02d}T{i % 24:02d}:00:00+00:00,{parts[i % len(parts)]}")
+    (folder / "events.csv").write_text("\n".join(rows) + "\n")
+    descriptor = {"name": "tiny", "table": "events.csv", "numeric_features": ["x"], "time_column": "at"}
+    if split_column:
+        descriptor["split_columns"] = ["split"]
+    path = folder / "dataset.yaml"
+    path.write_text(yaml.safe_dump(descriptor))
+    return path
+
+
+def test_eval_refuses_repeats_with_fixed_split_columns(tmp_path):
+    path = _tiny_dataset(tmp_path, split_column=True)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["eval", "--dataset", str(path), "--repeats", "3", "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "the data set brings its own split columns (split); --repeats draws new splits" in result.output
+    assert "Traceback" not in result.output and not out.exists()  # refused before any training
+
+
+def test_eval_refuses_repeats_with_a_time_split(tmp_path):
+    path = _tiny_dataset(tmp_path, split_column=False)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["eval", "--dataset", str(path), "--repeats", "2", "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "split by its time column (at" in result.output and "a time split is deterministic" in result.output
+    assert "Traceback" not in result.output and not out.exists()

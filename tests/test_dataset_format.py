@@ -108,6 +108,13 @@ def assert_same_dataset(a: Dataset, b: Dataset) -> None:
         assert b.edges is None
     else:
         np.testing.assert_array_equal(a.edges, b.edges)
+    for name in ("times", "label_times"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x is None:
+            assert y is None, name
+        else:
+            assert x.dtype == y.dtype == np.float64
+            np.testing.assert_array_equal(x, y)  # NaN (unlabelled) in the same places
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +139,7 @@ def test_missing_column_names_it_and_lists_the_columns_present(tmp_path):
         ("amount", 3, "inf", "is infinite"),
         ("age", 5, "-Infinity", "is infinite"),
         ("label", 2, "2", "is not a label"),
-        ("label", 0, "", "is not a label"),
+        ("label", 0, "01", "is not a label"),  # compared as text; an empty label cell is allowed (unlabelled)
         ("label", 5, "fraud", "is not a label"),
         ("event_id", 4, "", "is empty"),
         ("split", 2, "validation", "is not one of train, valid, test"),
@@ -499,6 +506,181 @@ def test_parquet_infinite_value_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Unlabelled rows, event times and label times
+
+EVENT_TIMES = [  # one per BASE_ROWS row; the offsets differ, the instants are what is compared
+    "2025-01-03T10:00:00+00:00", "2025-01-03T12:30:00+02:00", "2025-01-03T11:00:00Z",
+    "2025-01-04T00:00:00.250000+00:00", "2025-01-04T08:00:00-05:00", "1735984800",
+]
+EVENT_EPOCH = [1735898400.0, 1735900200.0, 1735902000.0, 1735948800.25, 1735995600.0, 1735984800.0]
+LABEL_TIMES = [  # every one at or after its event
+    "2025-01-05T10:00:00+00:00", "2025-01-03T10:30:00Z", "2025-01-03T11:00:00+00:00",
+    "2025-01-06T00:00:00+00:00", "2025-01-04T13:00:00Z", "1736000000",
+]
+TIMED = {"time_column": "occurred_at", "label_time_column": "labelled_at"}
+
+
+def timed_frame() -> pd.DataFrame:
+    frame = base_frame()
+    frame["occurred_at"] = EVENT_TIMES
+    frame["labelled_at"] = LABEL_TIMES
+    return frame
+
+
+def test_empty_label_means_unlabelled(tmp_path):
+    frame = base_frame()
+    twins = frame.iloc[[1, 3]].assign(event_id=["e7", "e8"])  # labelled legit rows, so every part stays usable
+    frame.loc[1, "label"] = ""
+    frame.loc[3, "label"] = " nan "  # what a missing value looks like in many exports
+    frame = pd.concat([frame, twins], ignore_index=True)
+    data = load_dataset(write_case(tmp_path, frame))
+    np.testing.assert_array_equal(data.labels, [1, -1, 1, -1, 1, 0, 0, 0])
+    assert data.labels.dtype == np.int64
+    np.testing.assert_array_equal(data.labelled, [True, False, True, False, True, True, True, True])
+    assert data.times is None and data.label_times is None
+
+
+def test_split_part_counts_only_labelled_rows(tmp_path):
+    frame = base_frame()
+    frame.loc[3, "label"] = ""  # valid keeps e3 (fraud) and an unlabelled row: no legitimate label to score against
+    message = refusal(write_case(tmp_path, frame))
+    assert "split column 'split'" in message and "the valid part needs both fraud and legitimate rows" in message
+    frame.loc[len(frame)] = ("e7", "0", "1", "1", "order", "a9", "d9", "valid", "", "")  # a labelled legit row
+    assert len(load_dataset(write_case(tmp_path, frame))) == 7
+
+
+def test_unlabelled_row_takes_no_risk_type(tmp_path):
+    frame = base_frame()
+    frame.loc[4, "label"] = ""  # e5 was an "ato" fraud row
+    frame.loc[len(frame)] = ("e7", "1", "1", "1", "order", "a9", "d9", "test", "ato", "")  # keep test usable
+    message = refusal(write_case(tmp_path, frame))
+    assert message.startswith(f"{tmp_path / 'events.csv'}: row 5, column 'risk_type': 'ato' on an unlabelled row")
+    frame.loc[4, "risk_type"] = ""
+    data = load_dataset(write_case(tmp_path, frame))
+    assert data.labels[4] == -1 and data.risk_types[4] == ""
+
+
+@pytest.mark.parametrize("value", ["val", "valid"])
+def test_val_is_read_as_valid(tmp_path, value):
+    frame = base_frame()
+    frame.loc[[2, 3], "split"] = value
+    data = load_dataset(write_case(tmp_path, frame))
+    np.testing.assert_array_equal(data.splits[0], ["train", "train", "valid", "valid", "test", "test"])
+
+
+def test_times_are_read_as_epoch_seconds_in_utc(tmp_path):
+    data = load_dataset(write_case(tmp_path, timed_frame(), **TIMED))
+    assert data.times.dtype == np.float64
+    np.testing.assert_array_equal(data.times, EVENT_EPOCH)
+    np.testing.assert_array_equal(
+        data.label_times, [1736071200.0, 1735900200.0, 1735902000.0, 1736121600.0, 1735995600.0, 1736000000.0]
+    )
+    assert "occurred_at" not in data.extra.columns and "labelled_at" not in data.extra.columns
+    assert data.spec.label_timing == "labels known from their arrival time (labelled_at)"
+
+
+def test_parquet_times_as_numbers_and_zoned_timestamps(tmp_path):
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "parquet").mkdir()
+    from_csv = load_dataset(write_case(tmp_path / "csv", timed_frame(), **TIMED))
+    frame = timed_frame()
+    frame["occurred_at"] = np.array(EVENT_EPOCH)  # a number column: seconds since the epoch
+    frame["labelled_at"] = pd.to_datetime(LABEL_TIMES[:5] + ["2025-01-04T14:13:20+00:00"], utc=True, format="mixed")
+    from_parquet = load_dataset(write_case(tmp_path / "parquet", frame, table="events.parquet", **TIMED))
+    assert_same_dataset(from_csv, from_parquet)
+
+
+def test_parquet_timestamps_without_a_zone_are_refused(tmp_path):
+    frame = timed_frame()
+    frame["occurred_at"] = pd.to_datetime(EVENT_EPOCH, unit="s")  # naive: UTC or local time? not guessed
+    message = refusal(write_case(tmp_path, frame, table="events.parquet", **TIMED))
+    assert message.startswith(f"{tmp_path / 'events.parquet'}: row 1, column 'occurred_at':")
+    assert "has no UTC offset" in message
+
+
+@pytest.mark.parametrize(
+    ("column", "row", "value", "why"),
+    [
+        ("occurred_at", 2, "2025-01-03T11:00:00", "has no UTC offset"),
+        ("occurred_at", 0, "2025-01-03", "has no UTC offset"),
+        ("occurred_at", 3, "", "is empty; every row needs one"),
+        ("occurred_at", 4, "nan", "is empty; every row needs one"),
+        ("occurred_at", 1, "yesterday", "is not a time"),
+        ("occurred_at", 5, "03/01/2025 10:00 +00:00", "is not a time"),
+        ("occurred_at", 5, "inf", "is not a time"),
+        ("labelled_at", 0, "2025-01-03T09:59:59+00:00", "is before the row's occurred_at"),
+        ("labelled_at", 4, "", "is empty on a labelled row"),
+        ("labelled_at", 1, "2025-01-05", "has no UTC offset"),
+    ],
+)
+def test_bad_time_cell_names_file_row_and_column(tmp_path, column, row, value, why):
+    frame = timed_frame()
+    frame.loc[row, column] = value
+    message = refusal(write_case(tmp_path, frame, **TIMED))
+    assert message.startswith(f"{tmp_path / 'events.csv'}: row {row + 1}, column {column!r}:"), message
+    assert why in message
+    if value and value != "inf":
+        assert repr(value) in message
+
+
+def test_label_time_on_an_unlabelled_row_is_refused(tmp_path):
+    frame = timed_frame()
+    frame.loc[len(frame)] = ("e7", "", "1", "1", "order", "a9", "d9", "train", "", "", "2025-01-03T10:00:00Z",
+                             "2025-01-04T10:00:00Z")
+    message = refusal(write_case(tmp_path, frame, **TIMED))
+    assert "row 7, column 'labelled_at': '2025-01-04T10:00:00Z' is set on an unlabelled row" in message
+    frame.loc[6, "labelled_at"] = ""
+    data = load_dataset(write_case(tmp_path, frame, **TIMED))
+    assert data.labels[6] == -1 and np.isnan(data.label_times[6]) and data.times[6] == 1735898400.0
+
+
+def test_a_label_may_arrive_at_its_event_time(tmp_path):
+    frame = timed_frame()
+    frame.loc[0, "labelled_at"] = "2025-01-03T11:00:00+01:00"  # the same instant as the event, written otherwise
+    assert load_dataset(write_case(tmp_path, frame, **TIMED)).label_times[0] == EVENT_EPOCH[0]
+
+
+@pytest.mark.parametrize(("delay", "timing"), [(48, "labels known 48 h after their event"),
+                                               (0.5, "labels known 0.5 h after their event")])
+def test_label_delay_hours_shifts_label_times(tmp_path, delay, timing):
+    frame = timed_frame().drop(columns=["labelled_at"])
+    frame.loc[len(frame)] = ("e7", "", "1", "1", "order", "a9", "d9", "train", "", "", "2025-01-03T10:00:00Z")
+    data = load_dataset(write_case(tmp_path, frame, time_column="occurred_at", label_delay_hours=delay))
+    np.testing.assert_array_equal(data.label_times[:6], np.array(EVENT_EPOCH) + delay * 3600)
+    assert np.isnan(data.label_times[6])  # unlabelled: no label time
+    assert data.spec.label_timing == timing
+
+
+def test_without_label_time_or_delay_labels_count_from_the_event(tmp_path):
+    frame = timed_frame().drop(columns=["labelled_at"])
+    data = load_dataset(write_case(tmp_path, frame, time_column="occurred_at"))
+    np.testing.assert_array_equal(data.label_times, data.times)
+    assert "optimistic" in data.spec.label_timing
+    assert load_dataset(write_case(tmp_path, base_frame())).spec.label_timing is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ({"label_time_column": "labelled_at"}, "need time_column"),
+        ({"label_delay_hours": 24}, "need time_column"),
+        ({**TIMED, "label_delay_hours": 24}, "not both"),
+        ({"time_column": "occurred_at", "label_delay_hours": -1}, "label_delay_hours: Input should be greater than"),
+        ({"time_column": "occurred_at", "label_delay_hours": float("inf")}, "label_delay_hours: Input should be a fin"),
+        ({"time_column": "amount"}, "'amount' is given more than one role"),
+        ({"time_column": "occurred_at", "label_time_column": "occurred_at"}, "is given more than one role"),
+        ({**TIMED, "split_columns": ["split", "labelled_at"]}, "'labelled_at' is given more than one role"),
+        ({"legit_labels": ["0", ""]}, "means 'not labelled'"),
+    ],
+)
+def test_inconsistent_time_roles_are_refused(tmp_path, overrides, why):
+    path = write_case(tmp_path, timed_frame(), **overrides)
+    message = refusal(path)
+    assert message.startswith(f"{path}:")
+    assert why in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # write_dataset then load_dataset
 
 
@@ -563,13 +745,45 @@ def synthetic():
     return synthetic_dataset(split_events(generate_events(2000, 7), 7))
 
 
+def timed_awkward_frame() -> pd.DataFrame:
+    """Times with offsets and fractions of a second, label times, and two unlabelled rows."""
+    frame = timed_frame()
+    frame.loc[len(frame)] = ("e7", "", "", "", "", "", "", "train", "", "", "2024-12-31T23:59:59.999999-08:00", "")
+    frame.loc[len(frame)] = ("e8", "", "3", "", "", "a1", "", "test", "", "", "1735984800.5", "")
+    return frame
+
+
+@pytest.mark.parametrize("table_name", ["table.csv", "table.parquet"])
+@pytest.mark.parametrize("timing", ["label_time_column", "label_delay_hours"])
+def test_times_and_unlabelled_rows_round_trip(tmp_path, table_name, timing):
+    frame = timed_awkward_frame()
+    if timing == "label_time_column":
+        spec = DatasetSpec.model_validate({**DESCRIPTOR, **TIMED})
+    else:
+        spec = DatasetSpec.model_validate({**DESCRIPTOR, "time_column": "occurred_at", "label_delay_hours": 36})
+        frame = frame.drop(columns=["labelled_at"])
+    original = dataset_from_frame(spec, frame)
+    again = load_dataset(write_dataset(original, tmp_path, table_name=table_name))
+    assert_same_dataset(original, again)
+    assert again.spec == original.spec.model_copy(update={"table": Path(table_name)})
+    np.testing.assert_array_equal(again.labels[-2:], [-1, -1])
+    assert np.all(np.isnan(again.label_times[-2:]))
+    written = read_table(tmp_path / table_name)
+    assert written["label"].tolist()[-2:] == ["", ""]
+    assert written["occurred_at"].tolist()[0] == "2025-01-03T10:00:00+00:00"  # ISO 8601 in UTC
+    assert ("labelled_at" in written.columns) == (timing == "label_time_column")
+
+
 def test_synthetic_dataset_is_a_valid_dataset(synthetic):
     assert len(synthetic) == 2000
     assert 0 < synthetic.labels.sum() < 2000
     assert set(synthetic.splits[0]) == {"train", "valid", "test"}
     fraud = synthetic.labels == 1
     assert np.all(synthetic.risk_types[fraud] != "") and np.all(synthetic.risk_types[~fraud] == "")
-    assert set(synthetic.extra.columns) == {"occurred_at", "note"}
+    assert set(synthetic.extra.columns) == {"note"}  # occurred_at / label_known_at are the time roles now
+    assert synthetic.times is not None and np.all(np.isfinite(synthetic.times))
+    labelled = synthetic.labelled
+    assert np.all(synthetic.label_times[labelled] >= synthetic.times[labelled])
 
 
 @pytest.mark.parametrize("table_name", ["events.csv", "events.parquet"])

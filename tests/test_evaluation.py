@@ -134,3 +134,133 @@ def test_split_lists_must_match():
     scores, labels = separable()
     with pytest.raises(ValueError, match="one array per split"):
         plot_calibration([scores, scores], labels, "unused.png")
+
+
+# -- unlabelled rows, split names and the protocol line ------------------------------------------------------------
+
+
+def test_unlabelled_rows_are_left_out_of_every_metric():
+    scores, labels = separable()
+    risk_types = np.where(labels == 1, "collusion", "")
+    rng = np.random.default_rng(3)
+    noise = rng.random(500)  # unlabelled rows with scores that would wreck every metric if they counted
+    with_unlabelled = split_metrics(
+        np.concatenate([scores, noise]), np.concatenate([labels, np.full(500, -1)]),
+        np.concatenate([risk_types, np.full(500, "collusion")]),
+    )
+    assert with_unlabelled == split_metrics(scores, labels, risk_types)
+    assert with_unlabelled["n"] == 1000 and with_unlabelled["roc_auc"] == 1.0
+
+
+def test_labels_other_than_fraud_legit_or_unlabelled_are_refused():
+    with pytest.raises(ValueError, match="labels must be 0"):
+        split_metrics(np.array([0.1, 0.9, 0.5]), np.array([0, 1, 2]))
+
+
+def test_plots_skip_unlabelled_rows(tmp_path):
+    scores, labels = separable()
+    labels = labels.copy()
+    labels[:10] = -1
+    assert_png(plot_calibration([scores, scores], [labels, labels], tmp_path / "c.png", split_labels=["a", "b"]))
+    assert_png(plot_score_histogram(scores, labels, tmp_path / "h.png"))
+    with pytest.raises(ValueError, match="2 split labels for 1 splits"):
+        plot_calibration(scores, labels, tmp_path / "x.png", split_labels=["a", "b"])
+
+
+def test_report_names_splits_and_states_the_protocol():
+    splits = three_splits()
+    report = format_report(summarise(splits), splits, "synthetic", protocol="fixed split columns a, b, c.")
+    assert "| Metric | Mean ± std | a | b | c |" in report
+    assert "Split 1" not in report
+    assert "Protocol: fixed split columns a, b, c." in report
+    unnamed = [{k: v for k, v in s.items() if k != "split"} for s in splits]
+    assert "| Metric | Mean ± std | Split 1 | Split 2 | Split 3 |" in format_report(summarise(unnamed), unnamed, "x")
+    single = format_report(summarise(splits[:1]), splits[:1], "synthetic")
+    assert "One split: a." in single and "Protocol" not in single
+
+
+# -- evaluate_model: which splits run, what the report says about them ---------------------------------------------
+
+
+def _dataset(n: int = 40, time_column: bool = True, split_column: bool = False, unlabelled: int = 0):
+    """``n`` hourly rows, fraud and legitimate in turn; the last ``unlabelled`` (the latest) have no label."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from riskcascade.datasets.format import DatasetSpec, dataset_from_frame
+
+    labels = np.where(np.arange(n) % 2 == 0, "1", "0").astype(object)
+    labels[n - unlabelled:] = ""
+    frame = pd.DataFrame({
+        "id": [f"e{i}" for i in range(n)],
+        "label": labels,
+        "x": np.arange(n, dtype=float),
+        "at": np.arange(n, dtype=float) * 3600,  # hourly, epoch seconds
+        "split": np.resize(["train", "valid", "test", "train", "valid", "test", "train"], n),
+    })
+    spec = {"name": "tiny", "table": Path("t.csv"), "numeric_features": ["x"]}
+    if time_column:
+        spec["time_column"] = "at"
+    if split_column:
+        spec["split_columns"] = ["split"]
+    return dataset_from_frame(DatasetSpec.model_validate(spec), frame)
+
+
+def _training(rule: str = "auto"):
+    from riskcascade.config import TrainingSettings
+
+    return TrainingSettings(split_rule=rule)
+
+
+def test_evaluation_splits_by_time_once_and_refuses_repeats():
+    from riskcascade.evaluate_model import EvaluationSetupError, evaluation_splits
+
+    data = _dataset()
+    (choice,) = evaluation_splits(data, _training(), seed=7)
+    assert choice.protocol == "time" and choice.name == "time 70/15/15"
+    with pytest.raises(EvaluationSetupError, match="a time split is deterministic"):
+        evaluation_splits(data, _training(), seed=7, repeats=3)
+    stratified = evaluation_splits(data, _training("stratified"), seed=7, repeats=3)
+    assert [c.name for c in stratified] == ["stratified seed 7", "stratified seed 8", "stratified seed 9"]
+
+
+def test_evaluation_splits_refuses_repeats_with_fixed_split_columns():
+    from riskcascade.evaluate_model import EvaluationSetupError, evaluation_splits
+
+    data = _dataset(split_column=True)
+    assert [c.name for c in evaluation_splits(data, _training(), seed=7)] == ["split"]
+    with pytest.raises(EvaluationSetupError, match=r"brings its own split columns \(split\); --repeats draws new"):
+        evaluation_splits(data, _training(), seed=7, repeats=2)
+
+
+def test_evaluation_splits_turns_a_split_it_cannot_choose_into_a_setup_error():
+    from riskcascade.evaluate_model import EvaluationSetupError, evaluation_splits
+
+    with pytest.raises(EvaluationSetupError, match="needs a time_column"):
+        evaluation_splits(_dataset(time_column=False), _training("time"), seed=7)
+    with pytest.raises(EvaluationSetupError, match="the test part needs both"):
+        evaluation_splits(_dataset(unlabelled=10), _training(), seed=7)  # the latest rows have no label
+
+
+def test_protocol_line_says_how_splits_features_and_labels_were_made():
+    from riskcascade.datasets.splits import choose_split
+    from riskcascade.evaluate_model import describe_protocol
+
+    timed = _dataset(unlabelled=2)
+    line = describe_protocol(timed, [choose_split(timed, 0, "auto", 0.15, 0.15, 7)])
+    assert line.startswith("time-ordered 70/15/15 split by at; features by replay")
+    assert "labels known at their event's time (no label time or delay given: optimistic)" in line
+    assert "2 unlabelled rows feed features, not the loss or the metrics" in line
+    static = _dataset(time_column=False)
+    choices = [choose_split(static, 0, "auto", 0.15, 0.15, seed) for seed in (7, 8)]
+    assert describe_protocol(static, choices) == (
+        "stratified random splits (stratified seed 7, stratified seed 8); transductive graph features "
+        "(no time column)."
+    )
+    fixed = _dataset(time_column=False, split_column=True)
+    assert describe_protocol(fixed, [choose_split(fixed, 0, "auto", 0.15, 0.15, 7)]).startswith(
+        "fixed split column split; transductive"
+    )
+    reported = describe_protocol(timed, [choose_split(timed, 0, "auto", 0.15, 0.15, 7)], features="transductive")
+    assert "transductive graph features;" in reported  # what training says it did wins over the assumption

@@ -70,6 +70,8 @@ def test_names_in_documented_order():
         expected += [f"{link}.{stat}.{v}" for stat in ("mean", "max", "min", "std") for v in per_value]
     expected += ["device>ip.mean.a", "ip>device.mean.a", "links.shared", "links.neighbours"]
     expected += ["edges.degree", "edges.mean.a", "edges.max.a", "edges.min.a", "edges.std.a"]
+    expected += ["edges>edges.mean.a", "edges>device.mean.a", "device>edges.mean.a", "edges>ip.mean.a",
+                 "ip>edges.mean.a"]
     assert names == expected
     assert len(set(names)) == len(names)
 
@@ -77,7 +79,7 @@ def test_names_in_documented_order():
 def test_names_without_links_or_edges():
     assert graph_feature_names([], ["a"], edges=False) == []
     assert graph_feature_names([], ["a"], edges=True) == ["edges.degree", "edges.mean.a", "edges.max.a",
-                                                          "edges.min.a", "edges.std.a"]
+                                                          "edges.min.a", "edges.std.a", "edges>edges.mean.a"]
     assert "links.shared" in graph_feature_names(["device"], ["a"], edges=False)
     assert not any(">" in n for n in graph_feature_names(["device"], ["a", "b"], edges=False))
 
@@ -190,7 +192,8 @@ def test_edge_features_by_hand():
 
 def test_edges_only_without_links():
     built = build_graph_features({}, np.array([[1.0], [5.0], [NAN]]), ["a"], edges=np.array([[0, 1], [2, 1]]))
-    assert built.names == ["edges.degree", "edges.mean.a", "edges.max.a", "edges.min.a", "edges.std.a"]
+    assert built.names == ["edges.degree", "edges.mean.a", "edges.max.a", "edges.min.a", "edges.std.a",
+                           "edges>edges.mean.a"]
     np.testing.assert_array_equal(built.values[:, 0], [1, 2, 1])
     np.testing.assert_array_equal(built.values[:, 1], [5, 1, 5])  # row 1: a of rows 0 and 2 (NaN skipped)
 
@@ -256,6 +259,15 @@ def reference(links: dict[str, list[str]], values: np.ndarray, names: list[str],
             stats = np.array([summary([values[s, j] for s in x]) for x in neighbours])
             for k, stat in enumerate(LINK_STATS):
                 out[f"edges.{stat}.{a}"] = stats[:, k]
+        for a in names:  # 2-hop: the neighbours' own means, through the edge list and across links
+            out[f"edges>edges.mean.{a}"] = np.array([summary([out[f"edges.mean.{a}"][s] for s in x])[0]
+                                                     for x in neighbours])
+            for m in link_names:
+                out[f"edges>{m}.mean.{a}"] = np.array([summary([out[f"{m}.mean.{a}"][s] for s in x])[0]
+                                                       for x in neighbours])
+                out[f"{m}>edges.mean.{a}"] = np.array(
+                    [summary([out[f"edges.mean.{a}"][s] for s in group(m, r)])[0] if links[m][r] else NAN
+                     for r in range(n)])
     return out
 
 

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from loadtest.events import EVENT_TYPES, decide_request
 from risk.v1 import decision_pb2 as pb
-from riskcascade.domain import ScoreRequest
+from riskcascade.evaluate_cascade import time_true_inputs
 from riskcascade.synthetic import LabelledEvent, read_events_csv
 from services.scorer.fast_model import FastModel
 from tests.conftest import venv_tool
@@ -29,9 +29,11 @@ def to_request(e: LabelledEvent, request_id: str | None = None) -> pb.DecideRequ
 @pytest.fixture(scope="module")
 def held_out(platform):
     """Held-out events with their fast scores, computed here with a real ONNX session on the same model."""
-    events = read_events_csv(platform.workdir / "data" / "test.csv")[:1500]
+    parts = {name: read_events_csv(platform.workdir / "data" / f"{name}.csv") for name in ("train", "valid", "test")}
+    events = parts["test"][:1500]
     model = FastModel(platform.workdir / "model", reason_count=0)
-    scores = [s.score for s in model.score_batch([ScoreRequest.of(e.case_id, e.event_type, e.entities, e.features) for e in events])]
+    # time-true features by replay: what the platform computes for these events sent at their own time
+    scores = [s.score for s in model.score_matrix(model.model_input(time_true_inputs(platform.workdir / "model", parts, "test")[:1500]))]
     low, high = platform.state["band"]
     clear = [e for e, s in zip(events, scores) if s < low * 0.5]
     blocked = [e for e, s in zip(events, scores) if s >= min(1.0, high + (1 - high) * 0.5)]

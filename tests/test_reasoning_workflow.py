@@ -1,7 +1,10 @@
 """The reasoning workflow on real parts: synthetic cases in Qdrant Edge (and qdrant-client local mode), the written
 policies chunked into the policy collection, MiniLM text vectors, and the evidence backend. Each task agent is
 checked against the cases computed directly from the data; the whole workflow for its steps, its fallbacks, its
-reflection and an injection planted in the event's note."""
+reflection and an injection planted in the event's note.
+
+The agents read only cases whose label was known when the event happened (``label_known_at`` at or before its
+``occurred_at``), so the expected cases here are those too; tests/test_retrieval_time.py checks the rule itself."""
 
 from __future__ import annotations
 
@@ -60,12 +63,26 @@ def knowledge(request, tmp_path_factory, data):
     x = np.array([[e.features[n] for n in FEATURE_NAMES] for e in train])
     encoder = BehaviourEncoder(FEATURE_NAMES, x.mean(axis=0), x.std(axis=0))
     memory = open_case_memory(settings, encoder)
-    memory.add_cases([to_adjudicated_case(e) for e in train], batch_size=512)
+    memory.add_cases([labelled_case(e) for e in train], batch_size=512)
     library = open_policy_library(settings, embedder=memory.embedder)
     library.add_documents(load_policy_documents(settings.policy_dir))
     yield settings, memory, library
     library.close()
     memory.close()
+
+
+def label_time(e):
+    """When the event's outcome became known: the generator's ``label_known_at``, else (data without it) at once."""
+    return e.label_known_at if e.label_known_at is not None else e.occurred_at
+
+
+def labelled_case(e):
+    return replace(to_adjudicated_case(e), label_known_at=label_time(e))
+
+
+def known_by(cases, e):
+    """The cases whose label was known when ``e`` happened: all the agents may see for it."""
+    return [c for c in cases if label_time(c) <= e.occurred_at]
 
 
 def risk_event(e, note: str | None = None) -> RiskEvent:
@@ -94,16 +111,16 @@ def review(workflow, request):
 
 
 def busy_event(train, test):
-    """A held-out event whose account and device both have past cases (so every agent has something to find)."""
-    accounts = {e.entities.account_id for e in train}
-    devices: dict[str, set[str]] = {}
-    for e in train:
-        devices.setdefault(e.entities.device_id, set()).add(e.entities.account_id)
-    for e in test:
-        others = devices.get(e.entities.device_id, set()) - {e.entities.account_id}
+    """A held-out fraud event whose account and device both have past cases known by its time (so every agent
+    has something to find), from the later half of the window (where similar known cases abound)."""
+    for e in test[len(test) // 2:]:
+        known = known_by(train, e)
+        accounts = {c.entities.account_id for c in known}
+        others = {c.entities.account_id for c in known if c.entities.device_id == e.entities.device_id}
+        others.discard(e.entities.account_id)
         if e.entities.account_id in accounts and others and e.label:
             return e
-    raise AssertionError("no held-out fraud event with account history and device neighbours")
+    raise AssertionError("no held-out fraud event with known account history and device neighbours")
 
 
 # -- task agents -------------------------------------------------------------------------------------------------
@@ -115,15 +132,16 @@ def test_structured_data_agent_finds_the_accounts_history_and_its_neighbours(kno
     e = busy_event(train, test)
     found = StructuredDataAgent(memory, limit=500, neighbour_links=REASONER.neighbour_links).run(risk_event(e))
     history = {i.id.split(":", 1)[1] for i in found.items if i.kind == "entity_history"}
-    assert history == {c.case_id for c in train if c.entities.account_id == e.entities.account_id}
+    known = known_by(train, e)
+    assert history and history == {c.case_id for c in known if c.entities.account_id == e.entities.account_id}
     links = {name: getattr(e.entities, name) for name in REASONER.neighbour_links}
     expected_neighbours = {
-        c.case_id for c in train
+        c.case_id for c in known
         if c.entities.account_id != e.entities.account_id
         and any(getattr(c.entities, name) == value and value for name, value in links.items())
     }
     neighbours = {i.id.split(":", 1)[1] for i in found.items if i.kind == "neighbour_case"}
-    assert neighbours == expected_neighbours
+    assert neighbours and neighbours == expected_neighbours
     by_id = {c.case_id: c for c in train}
     for item in found.items:  # outcomes are the adjudicated labels
         case = by_id[item.id.split(":", 1)[1]]
@@ -143,7 +161,7 @@ def test_structured_data_agent_limits_each_entity_and_can_be_disabled(knowledge,
 def test_similar_case_agent_finds_by_behaviour_then_adds_narrative_matches(knowledge, data):
     train, test = data
     _, memory, _ = knowledge
-    e = test[0]
+    e = test[-1]  # late in the window: many cases are known by then
     narrative = event_narrative(e.event_type, e.features, {NOTE_FIELD: e.note})
     found = SimilarCaseAgent(memory, top_k=8, narrative_top_k=5).run(risk_event(e), narrative)
     behaviour = [i for i in found.items if i.kind == "similar_case"]
@@ -151,7 +169,7 @@ def test_similar_case_agent_finds_by_behaviour_then_adds_narrative_matches(knowl
     assert len(behaviour) == 8 and len(by_text) <= 5
     assert [i.similarity for i in behaviour] == sorted((i.similarity for i in behaviour), reverse=True)
     assert len({i.id for i in found.items}) == len(found.items)  # a case found both ways is cited once
-    direct = memory.similar_narratives(narrative, 5, exclude_case_ids=(e.case_id,))
+    direct = memory.similar_narratives(narrative, 5, exclude_case_ids=(e.case_id,), known_by=e.occurred_at)
     assert {f"case:{r.case.case_id}" for r in direct} >= {i.id for i in by_text}
 
 
@@ -195,7 +213,7 @@ def test_injection_in_the_note_does_not_change_the_verdict(knowledge, data):
     # fixed and varies only the note, for every backend.
     train, test = data
     workflow = workflow_with(knowledge, EvidenceWeightedLLM(settings=REASONER))
-    fraud = [busy_event(train, test), *[t for t in test if t.label][:4]]
+    fraud = [busy_event(train, test), *[t for t in test if t.label][-4:]]  # late: with known cases to find
     for e in fraud:
         plain = review(workflow, request_for(e))
         planted = review(workflow, request_for(e, note=f"{e.note} {INJECTION}"))

@@ -39,6 +39,9 @@ from riskcascade.training import (  # noqa: E402
     snap_thresholds_to_float32,
     train_model,
 )
+from riskcascade.entity_state import EmbeddedEntityState, LabelEvent  # noqa: E402
+from riskcascade.evaluate_cascade import time_true_inputs  # noqa: E402
+from riskcascade.features import FeatureLayout  # noqa: E402
 from services.scorer.fast_model import FastModel  # noqa: E402
 
 N_EVENTS = 6000
@@ -56,32 +59,77 @@ def trained(tmp_path_factory):
     return settings, card
 
 
+def _parts(settings):
+    return {name: read_events_csv(settings.data.dir / file) for name, file in SPLIT_FILES.items()}
+
+
 def _valid_matrix(settings, rows=200):
+    """Model input of the first valid events, with their time-true entity features (training's replay)."""
     model = FastModel(settings.model.dir, reason_count=0)
-    events = read_events_csv(settings.data.dir / SPLIT_FILES["valid"])[:rows]
-    return model.matrix([ScoreRequest.of(e.case_id, e.event_type, e.entities, e.features) for e in events])
+    return model.model_input(time_true_inputs(settings.model.dir, _parts(settings), "valid")[:rows])
+
+
+def test_served_features_equal_training_replay(trained):
+    """Replay parity: the scorer's serving path (live state, events scored in time order, labels folded as they
+    arrive) computes exactly the vectors training learned from for the same sequence."""
+    settings, _ = trained
+    parts = _parts(settings)
+    events = [e for part in parts.values() for e in part]
+    model = FastModel(settings.model.dir, reason_count=0, state=EmbeddedEntityState(
+        FeatureLayout.load(settings.model.dir).state))
+    served: dict[str, np.ndarray] = {}
+    timeline = sorted(
+        [(e.occurred_at, 1, i) for i, e in enumerate(events)] + [(e.label_known_at, 0, i) for i, e in enumerate(events)]
+    )  # at one instant labels go first, as in training's replay (known_at <= t counts)
+    batch: list[int] = []
+
+    def flush() -> None:
+        if batch:
+            x = model.matrix([ScoreRequest.of(events[i].case_id, events[i].event_type, events[i].entities,
+                                              dict(events[i].features), occurred_at=events[i].occurred_at)
+                              for i in batch])
+            served.update({events[i].case_id: row for i, row in zip(batch, x)})
+            batch.clear()
+
+    for _, is_event, i in timeline:
+        if is_event:
+            batch.append(i)
+            if len(batch) == 64:
+                flush()
+        else:
+            flush()
+            model.state.apply_labels([LabelEvent(events[i].case_id, bool(events[i].label),
+                                                 events[i].label_known_at.timestamp())])
+    flush()
+    for split, part in parts.items():
+        trained_x = model.model_input(time_true_inputs(settings.model.dir, parts, split))
+        served_x = np.stack([served[e.case_id] for e in part])
+        assert np.array_equal(trained_x, served_x, equal_nan=True), split
 
 
 def test_training_writes_data_model_and_a_valid_card(trained):
     settings, card = trained
     for name in SPLIT_FILES.values():
         assert (settings.data.dir / name).exists()
-    for name in (ONNX_FILE, ANOMALY_FILE, BOOSTER_FILE, LAYOUT_FILE, GRAPH_FILE, CARD_FILE):
+    for name in (ONNX_FILE, ANOMALY_FILE, BOOSTER_FILE, LAYOUT_FILE, CARD_FILE):
         assert (settings.model.dir / name).exists()
+    assert not (settings.model.dir / GRAPH_FILE).exists()  # time-true: no frozen graph to serve from
     loaded = load_model_card(settings.model.dir)
     assert loaded == card
     assert re.fullmatch(r"lgbm-\d{14}-[0-9a-f]{8}", card.version)
     assert card.feature_names == list(FEATURE_NAMES)  # what callers send
     features = card.model_features
     assert features[: len(FEATURE_NAMES)] == list(FEATURE_NAMES) and features[-1] == ANOMALY_FEATURE
-    assert "event_type=order" in features and "device_id.degree" in features and "ip>account_id.mean.amount" in features
+    assert "event_type=order" in features and "device_id.n_1h" in features and "ip.distinct.account_id" in features
+    assert "account_id.fraud_known" in features and "device_id.fraud_accounts" in features
+    assert card.metrics["feature_protocol"] == "time-true"
     assert set(card.feature_descriptions) == set(features)
     assert card.categorical_features["event_type"] == sorted(card.categorical_features["event_type"])
     assert card.links == ["account_id", "seller_id", "device_id", "ip", "payment_instrument_id"]
     assert card.anomaly["feature"] == ANOMALY_FEATURE and card.anomaly["sklearn_parity_max_abs_diff"] < 1e-4
     assert len(card.feature_scaling.mean) == len(card.feature_scaling.std) == len(FEATURE_NAMES)
     assert min(card.feature_scaling.std) >= 1e-6
-    assert card.data["counts"] == {"train": 4200, "valid": 900, "test": 900}
+    assert card.data["counts"] == {"train": 4200, "valid": 900, "test": 900, "unlabelled": 0}
     assert card.data["seed"] == SEED and card.data["dataset"] == "synthetic"
     written = read_events_csv(settings.data.dir / SPLIT_FILES["test"])
     assert len(written) == card.metrics["n"]

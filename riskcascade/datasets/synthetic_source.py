@@ -2,7 +2,8 @@
 
 The mechanisms of the five fraud patterns and their legitimate look-alikes are documented in
 ``riskcascade.synthetic``; ``risk_type`` labels each fraud row with its pattern. The split column is the generator's
-own stratified split (the same seed gives the same train/valid/test CSV files the case memory is built from).
+own time split (train on the past, valid next, test last; the same seed gives the same train/valid/test CSV files
+the case memory is built from). ``occurred_at`` is the event time and ``label_known_at`` when its label arrived.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def synthetic_spec() -> DatasetSpec:
         aggregate_features=list(AGGREGATED),
         split_columns=[SPLIT_COLUMN],
         risk_type_column="risk_type",
+        time_column="occurred_at",
+        label_time_column="label_known_at",
     )
 
 
@@ -57,6 +60,7 @@ def synthetic_dataset(parts: dict[str, list[LabelledEvent]]) -> Dataset:
                 "note": e.note,
                 "label": str(e.label),
                 "risk_type": e.risk_type,
+                "label_known_at": e.label_known_at.isoformat() if e.label_known_at is not None else "",
                 SPLIT_COLUMN: split,
             }
             rows.append(row)

@@ -2,12 +2,16 @@
 
 They are plain objects over the case memory and the policy library (retrieval/), so they can be tested without
 the workflow; the workflow (services/reasoning/workflow.py) runs them, times them and traces them.
+
+A past case's outcome counts from when it became known: the case agents ask the memory only for cases whose label
+had arrived by the decided event's time (``decided_at``), so no evidence carries a label from the event's future.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from riskcascade.domain import RiskEvent
@@ -27,6 +31,12 @@ class Findings:
     outcome: str  # one line for the decision's step record
 
 
+def decided_at(event: RiskEvent) -> datetime:
+    """The time an event is decided as of: its ``occurred_at``, else now (UTC): a live event without a time is
+    decided when it arrives. Past cases whose label arrived later are not evidence for it."""
+    return event.occurred_at if event.occurred_at is not None else datetime.now(timezone.utc)
+
+
 def _case_item(kind: str, case: AdjudicatedCase, similarity: float = 0.0, link: str = "") -> EvidenceItem:
     return EvidenceItem(
         id=evidence_id(kind, case.case_id),
@@ -44,6 +54,7 @@ class StructuredDataAgent:
 
     History: past cases of the same account. Neighbours: cases of *other* accounts that used the same device,
     IP or payment instrument (``neighbour_links``); a case reached through several links counts once.
+    Only cases whose label was known at the event's time (``decided_at``) are read: ``limit`` per entity of those.
     """
 
     def __init__(self, memory: CaseMemory, limit: int, neighbour_links: Sequence[str]):
@@ -52,13 +63,18 @@ class StructuredDataAgent:
         self._links = tuple(neighbour_links)
 
     def run(self, event: RiskEvent) -> Findings:
+        """The account's and its neighbours' past cases, as known when ``event`` is decided: those whose label
+        arrived by ``event.occurred_at`` (by now when the event has no time); the event's own case never."""
         if self._limit == 0:
             return Findings((), "disabled (retrieval.entity_history_limit = 0)")
         entities = asdict(event.entities)
         account = entities.get(ACCOUNT, "")
         exclude = (event.request_id,)
+        known_by = decided_at(event)
         history = (
-            self._memory.cases_with_entity(ACCOUNT, account, self._limit, exclude_case_ids=exclude) if account else []
+            self._memory.cases_with_entity(ACCOUNT, account, self._limit, exclude_case_ids=exclude, known_by=known_by)
+            if account
+            else []
         )
         items = [_case_item(EvidenceKind.ENTITY_HISTORY, c, link=ACCOUNT) for c in history]
         seen = {c.case_id for c in history}
@@ -69,7 +85,8 @@ class StructuredDataAgent:
                 continue
             # The account's own cases are left out inside the engine, so a busy account still gets ``limit``.
             others = self._memory.cases_with_entity(
-                link, value, self._limit, exclude_case_ids=exclude, other_than_account=account or None
+                link, value, self._limit, exclude_case_ids=exclude, other_than_account=account or None,
+                known_by=known_by,
             )
             for case in others:
                 if case.case_id in seen:
@@ -87,7 +104,10 @@ class StructuredDataAgent:
 
 
 class SimilarCaseAgent:
-    """Past cases like this one: by behaviour (the features) and by narrative (the text)."""
+    """Past cases like this one: by behaviour (the features) and by narrative (the text).
+
+    Only cases whose label was known at the event's time (``decided_at``) are searched: ``top_k`` of those.
+    """
 
     def __init__(self, memory: CaseMemory, top_k: int, narrative_top_k: int):
         self._memory = memory
@@ -95,15 +115,20 @@ class SimilarCaseAgent:
         self._narrative_top_k = narrative_top_k
 
     def run(self, event: RiskEvent, narrative: str) -> Findings:
+        """Cases like ``event`` whose label arrived by ``event.occurred_at`` (by now when the event has no time),
+        nearest first: ``top_k`` by behaviour, then up to ``narrative_top_k`` by ``narrative`` not found already."""
         exclude = (event.request_id,)
+        known_by = decided_at(event)
         behaviour: list[RetrievedCase] = self._memory.similar_cases(
-            event.features, self._top_k, exclude_case_ids=exclude
+            event.features, self._top_k, exclude_case_ids=exclude, known_by=known_by
         )
         items = [_case_item(EvidenceKind.SIMILAR_CASE, r.case, r.similarity) for r in behaviour]
         seen = {r.case.case_id for r in behaviour}
         by_text: list[RetrievedCase] = []
         if self._narrative_top_k:
-            by_text = self._memory.similar_narratives(narrative, self._narrative_top_k, exclude_case_ids=exclude)
+            by_text = self._memory.similar_narratives(
+                narrative, self._narrative_top_k, exclude_case_ids=exclude, known_by=known_by
+            )
         for r in by_text:
             if r.case.case_id not in seen:  # a case found both ways is cited once, as a behaviour match
                 seen.add(r.case.case_id)

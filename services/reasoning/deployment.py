@@ -1,4 +1,4 @@
-"""Ray Serve deployment of the reasoner: a thin shell around the case review workflow."""
+"""Ray Serve deployment of the reasoner: a thin shell around the case review workflow and its case memory."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from ray import serve
 
 from riskcascade.config import Settings, settings_from_wire
-from riskcascade.domain import ReasonerVerdict, ReasoningRequest
+from riskcascade.domain import AdjudicatedCase, ReasonerVerdict, ReasoningRequest
 from riskcascade.telemetry import configure_tracing, inject_context, span
 from services.reasoning.service import ReasoningService, open_reasoning_service
 
@@ -17,7 +17,9 @@ class Reasoner:
     def __init__(self, settings: dict[str, Any]):
         config: Settings = settings_from_wire(settings)
         configure_tracing(config.tracing, "reasoner")
-        self._service: ReasoningService = open_reasoning_service(config)
+        # Read-write: while the platform runs, this replica is the one process that holds the case index, so
+        # feedback (add_case) is written here and the next review can find it.
+        self._service: ReasoningService = open_reasoning_service(config, read_only=False)
 
     async def reason(self, request: ReasoningRequest) -> ReasonerVerdict:
         event = request.event
@@ -26,6 +28,14 @@ class Reasoner:
             current.set_attribute("reasoner.action", verdict.action.value)
             current.set_attribute("reasoner.backend", verdict.backend)
             return verdict
+
+    async def add_case(self, case: AdjudicatedCase) -> int:
+        """Take one adjudicated case into the case memory (idempotent by case id; see
+        ``ReasoningService.add_case``). Returns how many cases the memory holds after the write."""
+        with span("reasoner.add_case", case_id=case.case_id) as current:
+            count = await self._service.add_case(case)
+            current.set_attribute("case_memory.count", count)
+            return count
 
     def __del__(self) -> None:
         service = getattr(self, "_service", None)

@@ -8,6 +8,9 @@
 ``reasoning`` asks the configured LLM backend for a verdict in the case's bounded schema and falls back to REVIEW
 (recorded, never raised) on a malformed, looping, late or failed answer; ``reflection`` checks the verdict against
 the evidence and the policy. Every step is a span in the caller's trace and a ``ReasoningStep`` on the verdict.
+
+The case agents run in worker threads: the case memory serialises its engine behind a lock that a feedback write
+(``ReasoningService.add_case``) may hold, and waiting for it must not stall the event loop.
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ class CaseReviewWorkflow(Workflow):
     async def structured_data(self, ev: StructuredDataTask) -> StructuredDataFound:
         started = time.perf_counter()
         with span("reasoner.structured_data", carrier=ev.carrier) as current:
-            found = self._structured.run(ev.request.event)
+            found = await asyncio.to_thread(self._structured.run, ev.request.event)
             current.set_attribute("evidence.count", len(found.items))
         return StructuredDataFound(
             found=found.items, step_record=ReasoningStep("structured_data", found.outcome, _ms(started))
@@ -149,7 +152,7 @@ class CaseReviewWorkflow(Workflow):
     async def similar_cases(self, ev: SimilarCasesTask) -> SimilarCasesFound:
         started = time.perf_counter()
         with span("reasoner.similar_cases", carrier=ev.carrier) as current:
-            found = self._similar.run(ev.request.event, ev.narrative)
+            found = await asyncio.to_thread(self._similar.run, ev.request.event, ev.narrative)
             current.set_attribute("evidence.count", len(found.items))
         return SimilarCasesFound(
             found=found.items, step_record=ReasoningStep("similar_cases", found.outcome, _ms(started))

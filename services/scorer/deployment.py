@@ -3,16 +3,24 @@
 Batching: concurrent requests are scored together through ``@serve.batch``; a request that arrives while the
 replica has nothing else in flight is scored at once instead of waiting out the batch window alone (see
 ArrivalGate). Batch size and wait come from ``user_config`` in deploy/serve.yaml.
+
+Scoring reads and folds the live entity state (SQLite log or Redis) and runs the model: that work goes to one
+worker thread, never the replica's event loop, and one thread keeps the state's folds in arrival order.
+Labels (``record_labels``, sent by the orchestrator when feedback arrives) go through the same thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
 from riskcascade.config import settings_from_wire
-from riskcascade.domain import FastScore, ScoreRequest
+from riskcascade.domain import FastScore, LabelRecord, ScoreRequest
+from riskcascade.entity_state import LabelEvent
+from riskcascade.state_backends import open_entity_state
 from riskcascade.telemetry import configure_tracing, span
 from services.scorer.arrivals import ArrivalGate
 from services.scorer.fast_model import FastModel, ScorerInfo
@@ -31,8 +39,11 @@ class FastScorer:
             threads=config.model.onnx_threads,
             reason_count=config.model.reason_count,
             prefer_gpu=config.model.prefer_gpu,
+            state=open_model_state(config),
+            reported_state_features=config.model.reported_state_features,
         )
         self._arrivals = ArrivalGate()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._score_batched.set_max_batch_size(int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
@@ -45,13 +56,39 @@ class FastScorer:
             async with self._arrivals.enter() as lone:
                 current.set_attribute("scorer.batched", not lone)
                 if lone:
-                    return self._model.score_batch([request])[0]
+                    return (await self._run(self._model.score_batch, [request]))[0]
                 return await self._score_batched(request)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _score_batched(self, rows: list[ScoreRequest]) -> list[FastScore]:
         with span("scorer.batch", batch_size=len(rows)):
-            return self._model.score_batch(rows)
+            return await self._run(self._model.score_batch, rows)
+
+    async def record_labels(self, labels: list[LabelRecord]) -> int:
+        """Fold adjudicated outcomes into the entity state from their arrival; returns how many found their
+        event (0 for a model without entity state)."""
+        state = self._model.state
+        if state is None:
+            return 0
+        events = [LabelEvent(r.request_id, r.fraud, r.known_at.timestamp()) for r in labels]
+        with span("scorer.record_labels", labels=len(events)):
+            return await self._run(state.apply_labels, events)
 
     async def info(self) -> ScorerInfo:
         return self._model.info
+
+    async def _run(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
+
+    def __del__(self) -> None:
+        model = getattr(self, "_model", None)
+        if model is not None and model.state is not None:
+            model.state.close()
+
+
+def open_model_state(config: Any) -> Any:
+    """The live entity state for the model in ``config.model.dir`` (None when the model has none)."""
+    from riskcascade.features import FeatureLayout
+
+    layout = FeatureLayout.load(config.model.dir).state
+    return open_entity_state(config.state, layout) if layout is not None else None

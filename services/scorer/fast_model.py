@@ -3,6 +3,11 @@
 onnxruntime computes the raw probability; the model card's Platt calibration turns it into the calibrated
 score the escalation band is defined on; LightGBM's own TreeSHAP (``pred_contrib``) on the same booster gives
 per-feature contributions, of which the strongest become reason codes in plain words.
+
+A time-true model (``FeatureLayout.state``) takes its entity features from the live entity state: scoring a batch
+computes each event's features as of its time and folds the event in (``EntityState.step``), so the next event of
+the same account, device or IP sees it. The state is the caller's (the Serve deployment opens it from settings);
+without one, an empty in-memory state is used.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +28,7 @@ import onnxruntime as ort  # noqa: E402
 
 from riskcascade.anomaly import AnomalyScorer  # noqa: E402
 from riskcascade.domain import EVENT_TYPE_ATTRIBUTE, Entities, FastScore, ReasonCode, ScoreRequest  # noqa: E402
+from riskcascade.entity_state import EmbeddedEntityState, EntityState, StateEvent  # noqa: E402
 from riskcascade.features import FeatureLayout  # noqa: E402
 from riskcascade.model_card import BOOSTER_FILE, ONNX_FILE, ModelCard, load_model_card  # noqa: E402
 from services.scorer.explain import TreeShapExplainer  # noqa: E402
@@ -43,13 +50,24 @@ class ScorerInfo:
 
 
 class FastModel:
-    def __init__(self, model_dir: Path, threads: int = 1, reason_count: int = 3, prefer_gpu: bool = True):
+    def __init__(self, model_dir: Path, threads: int = 1, reason_count: int = 3, prefer_gpu: bool = True,
+                 state: EntityState | None = None, reported_state_features: Sequence[str] = ()):
         model_dir = Path(model_dir)
         self.card: ModelCard = load_model_card(model_dir)
         self._layout = FeatureLayout.load(model_dir)
         _check_servable(self.card, self._layout)
+        self.state: EntityState | None = None
+        if self._layout.state is not None:
+            self.state = state if state is not None else EmbeddedEntityState(self._layout.state)
+            if self.state.layout != self._layout.state:
+                raise ValueError(f"the entity state's layout {self.state.layout} is not the model's "
+                                 f"{self._layout.state}")
+            aggregated = self._layout.aggregated
+            self._state_values = [self.card.feature_names.index(a) for a in aggregated]
         self._inputs = tuple(self.card.feature_names)
         self._model_features = tuple(self.card.model_features)
+        names = list(self._model_features)
+        self._reported = [(n, names.index(n)) for n in reported_state_features if n in names and self.state]
         self._calibrator = self.card.calibration.calibrator()
         self._reason_count = reason_count
         providers, probe = choose_providers(prefer_gpu)
@@ -85,17 +103,41 @@ class FastModel:
                 value = request.features.get(name)
                 if value is not None:
                     raw[i, j] = value
-        x = self._layout.transform(raw, [r.attributes for r in requests], [r.entities for r in requests])
-        x = x.astype(np.float32)
+        state_features = None
+        if self.state is not None:
+            now = time.time()
+            links = self._layout.state.links  # type: ignore[union-attr]
+            state_features = self.state.step([
+                StateEvent(
+                    event_id=r.request_id,
+                    time=r.occurred_at if r.occurred_at is not None else now,
+                    entities={k: v for k, v in r.entities.items() if k in links and v},
+                    values=tuple(float(v) for v in raw[i, self._state_values]),
+                )
+                for i, r in enumerate(requests)
+            ])
+        x = self._layout.transform(
+            raw, [r.attributes for r in requests], [r.entities for r in requests], state_features
+        )
+        return self.model_input(x)
+
+    def model_input(self, pre_anomaly: np.ndarray) -> np.ndarray:
+        """The layout's matrix (``FeatureLayout.transform`` or training's replay) as float32 model input, with the
+        anomaly score appended."""
+        x = pre_anomaly.astype(np.float32)
         if self._anomaly is not None:
             x = np.column_stack([x, self._anomaly.score(x)])
         return x
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[FastScore]:
-        x = self.matrix(requests)
+        """Score events (a time-true model also folds them into the state, in order)."""
+        return self.score_matrix(self.matrix(requests))
+
+    def score_matrix(self, x: np.ndarray) -> list[FastScore]:
+        """Score rows already in the model's input layout (``matrix``'s output, or training's replay features)."""
         raw = self._session.run([self._output], {self._input: x})[0][:, 1].astype(np.float64)
         calibrated = self._calibrator.apply(raw)
-        reasons = self._reasons(x) if self._reason_count else [()] * len(requests)
+        reasons = self._reasons(x) if self._reason_count else [()] * x.shape[0]
         return [
             FastScore(
                 score=float(calibrated[i]),
@@ -103,8 +145,9 @@ class FastModel:
                 reasons=reasons[i],
                 model_version=self.card.version,
                 provider=self.info.provider,
+                state_features={n: float(x[i, j]) for n, j in self._reported if not math.isnan(x[i, j])},
             )
-            for i in range(len(requests))
+            for i in range(x.shape[0])
         ]
 
     def _reasons(self, x: np.ndarray) -> list[tuple[ReasonCode, ...]]:

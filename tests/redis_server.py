@@ -1,0 +1,86 @@
+"""A real Redis server for tests: ``redis-server`` on a free loopback port in a temporary folder, no persistence.
+
+``running_redis()`` starts one and stops it; the session fixture ``redis_url`` shares one per test session (import it
+into a test module). Without ``redis-server`` the tests that need it are skipped, or fail when
+``RISKCASCADE_REQUIRE_REDIS=1`` (CI installs it: ``make redis``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+MISSING = "redis-server is not installed: `make redis` (apt-get install -y redis-server)"
+
+
+def redis_server_binary() -> str:
+    """The path of ``redis-server``; skips the test (fails it under ``RISKCASCADE_REQUIRE_REDIS=1``) without one."""
+    found = shutil.which("redis-server")
+    if found is None:
+        if os.environ.get("RISKCASCADE_REQUIRE_REDIS") == "1":
+            pytest.fail(MISSING)
+        pytest.skip(MISSING)
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextmanager
+def running_redis(binary: str | None = None) -> Iterator[str]:
+    """A fresh ``redis-server``; yields its URL and stops it (its folder is removed) on exit."""
+    binary = binary or redis_server_binary()
+    with tempfile.TemporaryDirectory(prefix="rc-redis-") as folder:
+        port = _free_port()
+        log = Path(folder) / "redis.log"
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--dir", folder, "--logfile", str(log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not _answers_ping(port):
+                if process.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {process.returncode}: {log.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server did not answer PING on port {port} in {START_TIMEOUT_S:.0f} s")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(STOP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """One Redis server for the test session; tests keep apart by key prefix."""
+    with running_redis() as url:
+        yield url
