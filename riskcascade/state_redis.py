@@ -9,9 +9,9 @@ Round trips: ``step`` reads in one ``EVALSHA`` of a read script (which of the ba
 per entity its hashes, its history since the batch's earliest time minus the longest window, as nothing older can
 enter a window, and the one event before that, for the idle time of a late event) and writes in one ``EVALSHA`` of
 a write script. Both run atomically on the server, and the read returns a few strings per entity rather than one
-reply element per field or event, which is what a client pays for. ``apply_labels`` takes three: the labelled events and whether they were labelled before, the
-records of the accounts of fraud labels (their counterparts get ``fraud_accounts``), the write; two when no label
-is a fraud label.
+reply element per field or event, which is what a client pays for. ``apply_labels`` takes three: the labelled
+events and whether they were labelled before, the records of the accounts of fraud labels (their counterparts get
+``fraud_accounts``), the write; two when no label is a fraud label.
 
 Keys (``P`` = ``key_prefix``; an entity ``{link}:{value}`` comes last, so values may hold ``:``):
 
@@ -222,8 +222,9 @@ class RedisEntityState(EntityState):
 
     def _key(self, kind: str, entity: tuple[str, str], counterpart: str = "") -> str:
         link, value = entity
-        return f"{self._prefix}:{kind}:{link}:{counterpart}:{value}" if counterpart else \
-            f"{self._prefix}:{kind}:{link}:{value}"
+        if counterpart:
+            return f"{self._prefix}:{kind}:{link}:{counterpart}:{value}"
+        return f"{self._prefix}:{kind}:{link}:{value}"
 
     def _read(self, ids: Sequence[str], entities: Sequence[tuple[str, str]],
               since: float | None) -> tuple[list[int], list[EntityRecord | None]]:

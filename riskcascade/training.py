@@ -260,9 +260,9 @@ def _early_stopping(patience: int, min_rounds: int):  # noqa: ANN202 - a LightGB
     def callback(env: Any) -> None:
         try:
             inner(env)
-        except lgb.callback.EarlyStopException:
-            if env.iteration + 1 >= min_rounds:
-                raise
+        except lgb.callback.EarlyStopException as stop:
+            if env.iteration + 1 >= min_rounds:  # keep at least min_rounds trees (LightGBM cuts at the best one)
+                raise lgb.callback.EarlyStopException(max(stop.best_iteration, min_rounds - 1), stop.best_score)
 
     callback.order = inner.order  # type: ignore[attr-defined]
     return callback
@@ -326,7 +326,7 @@ def fit_fast_model(
             params, train_set, num_boost_round=config.max_boost_rounds, valid_sets=[valid_set],
             callbacks=[_early_stopping(config.early_stopping_rounds, config.min_boost_rounds)],
         )
-        best_iteration = max(booster.best_iteration or 0, min(config.min_boost_rounds, booster.current_iteration()))
+        best_iteration = booster.best_iteration or booster.current_iteration()
         trained = lgb.Booster(model_str=booster.model_to_string(num_iteration=best_iteration))
         booster = lgb.Booster(model_str=snap_thresholds_to_float32(trained.model_to_string()))
 

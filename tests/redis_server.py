@@ -50,33 +50,50 @@ def _answers_ping(port: int) -> bool:
 
 
 @contextmanager
-def running_redis(binary: str | None = None) -> Iterator[str]:
-    """A fresh ``redis-server``; yields its URL and stops it (its folder is removed) on exit."""
+def running_redis(binary: str | None = None, attempts: int = 3) -> Iterator[str]:
+    """A fresh ``redis-server``; yields its URL and stops it (its folder is removed) on exit. A port taken between
+    choosing and binding it is retried on another one."""
     binary = binary or redis_server_binary()
     with tempfile.TemporaryDirectory(prefix="rc-redis-") as folder:
-        port = _free_port()
         log = Path(folder) / "redis.log"
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--dir", folder, "--logfile", str(log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not _answers_ping(port):
-                if process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {process.returncode}: {log.read_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server did not answer PING on port {port} in {START_TIMEOUT_S:.0f} s")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
+        for attempt in range(attempts):
+            port = _free_port()
+            process = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--daemonize", "no", "--dir", folder, "--logfile", str(log)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            )
             try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT_S)
+                if _wait_until_it_answers(process, port, log, last=attempt == attempts - 1):
+                    yield f"redis://127.0.0.1:{port}/0"
+                    return
+            finally:
+                _stop(process)
+
+
+def _wait_until_it_answers(process: subprocess.Popen, port: int, log: Path, last: bool) -> bool:
+    """True once PING answers; False if the server exited (and another attempt is left)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _answers_ping(port):
+        if process.poll() is not None:
+            if not last:
+                return False
+            raise RuntimeError(f"redis-server exited with {process.returncode}: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"redis-server did not answer PING on port {port} in {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
+    return True
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(STOP_TIMEOUT_S)
 
 
 @pytest.fixture(scope="session")

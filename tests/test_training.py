@@ -207,6 +207,18 @@ def test_same_data_gives_the_same_model(tmp_path, small_synthetic):
     assert (tmp_path / "a" / BOOSTER_FILE).read_text() == (tmp_path / "b" / BOOSTER_FILE).read_text()
 
 
+def test_small_data_is_not_stopped_after_a_few_trees(tmp_path, small_synthetic):
+    """On ~1,400 training rows the validation metric peaks early by chance; training.min_boost_rounds keeps
+    boosting (and the trees) at least that long."""
+    rounds = []
+    for minimum in (1, 150):
+        settings = load_settings(model={"dir": str(tmp_path / str(minimum))},
+                                 training={"min_boost_rounds": minimum, "early_stopping_rounds": 10})
+        card = train_model(settings, small_synthetic, progress=False)
+        rounds.append(card.training["best_iteration"])
+    assert rounds[0] < 150 <= rounds[1]
+
+
 def test_cost_rule_band_is_recorded_and_cheaper_review_widens_it(tmp_path, small_synthetic):
     shares = []
     for review in (8.0, 0.5):
