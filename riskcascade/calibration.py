@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import minimize
 
 _EPS = 1e-7
 
@@ -34,20 +35,25 @@ class PlattCalibrator:
 
     @classmethod
     def fit(cls, p: np.ndarray, y: np.ndarray, iterations: int = 100) -> "PlattCalibrator":
-        """Fit by Newton's method on the log-loss of sigmoid(a*logit(p)+b) against labels y (0/1)."""
+        """Fit a and b by minimising the log-loss of sigmoid(a*logit(p)+b) against labels y (0/1), L-BFGS.
+
+        The targets are Platt's smoothed ones, (N+ + 1) / (N+ + 2) for fraud and 1 / (N- + 2) for legitimate: when
+        validation separates the classes perfectly (a small validation period) plain 0/1 targets send the slope
+        to infinity and every confident score to exactly 1.0, which erases the ranking at the top."""
         x = logit(p)
         y = np.asarray(y, dtype=np.float64)
         if y.min() == y.max():
             raise ValueError("calibration needs both classes in the validation labels")
-        a, b = 1.0, 0.0
-        for _ in range(iterations):
-            q = sigmoid(a * x + b)
-            w = q * (1 - q) + 1e-12
-            grad = np.array([np.sum((q - y) * x), np.sum(q - y)])
-            hess = np.array([[np.sum(w * x * x), np.sum(w * x)], [np.sum(w * x), np.sum(w)]])
-            hess += np.eye(2) * 1e-9
-            step = np.linalg.solve(hess, grad)
-            a, b = a - step[0], b - step[1]
-            if np.max(np.abs(step)) < 1e-10:
-                break
+        positives, negatives = float(y.sum()), float(len(y) - y.sum())
+        t = np.where(y > 0.5, (positives + 1) / (positives + 2), 1 / (negatives + 2))
+
+        def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+            z = params[0] * x + params[1]
+            # log(1 + e^z) - t z, stable for any z; its gradient is (sigmoid(z) - t) [x, 1]
+            value = np.sum(np.logaddexp(0.0, z) - t * z)
+            residual = sigmoid(z) - t
+            return float(value), np.array([np.sum(residual * x), np.sum(residual)])
+
+        fitted = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", options={"maxiter": iterations})
+        a, b = fitted.x
         return cls(a=float(a), b=float(b))

@@ -48,17 +48,53 @@ signing up for a promo, a new seller's launch with friends' reviews, flash-sale 
 sophisticated share of fraud and its twins are indistinguishable from features alone; the free-text ``note``
 leans "shady" for fraud and plain for twins, a weak hint the reasoner may use.
 
+Time
+----
+Every event happens inside the window of ``WINDOW_DAYS`` days from ``WINDOW_START``, and ``hour_of_day`` is always the
+UTC hour of its ``occurred_at``. Ordinary legitimate events fall on random days at hours from a daily profile (busy
+evenings, quiet nights), so an account's events spread over days and weeks (median first-to-last about 17 days);
+a quarter follow the account's previous activity within minutes (log in, then order), users of a library or
+internet-café computer queue one after another, and travellers on a lounge's Wi-Fi overlap.
+
+Fraud is organised, and bursty. Each cluster acts within one active period and works it in sittings: the events of
+a sitting follow each other seconds to minutes apart, in the order of the work (log in, change the account, redeem,
+buy, review, cash out), and a sitting starts at an hour from the pattern's day/night profile. Plain clusters
+(``synthetic_fraud.TEMPO``, median first-to-last span of a cluster in brackets):
+
+- account takeover: per victim, logins, changes and the drain within half an hour to a day (about 1-2 h), one or
+  two sittings; the crew works through its victims over one to four days;
+- collusion: a ring trades over one to two weeks (about 7 days), a few trades a sitting;
+- promo abuse: a batch's redemptions and orders within one to five hours (about 1 h), accounts under a minute
+  apart;
+- brushing: a seller's campaign over two to five days (about 2 days), several orders and reviews a sitting;
+- click farm: each campaign (one promoted seller) within one to two days (half a day to a day), in bursts of the
+  racks' phones firing seconds apart.
+
+Sophisticated clusters avoid velocity: the same work one or two events a sitting, minutes to hours apart, over
+periods several times longer (takeovers over two to five days by crews working one to two weeks, rings over three to
+four weeks, batches over half a day to two days, brushing over ten to twenty days, farms over five to ten days).
+A share of them (``SOPHISTICATED_BURST_SHARE``) is held to the burst tempo by a deadline: a promo about to expire, a
+flash sale, a launch day. Legitimate twins are sophisticated clusters and get the same mix, so the dorm's promo
+night, the launch day and the flash-sale evening burst like a batch or a farm: a burst is a strong hint, never
+proof, and velocity does not tell sophisticated fraud from its twin. An active period is placed as if the window
+went on and cut to the window (``WINDOW_OVERHANG_SHARE``), as an extract of a longer history would cut it: fraud
+stays about as dense near the window's edges as in its middle, and no event falls outside. A burst is over long
+before its labels arrive (see Label arrival), so the outcomes known at an event seldom cover its own cluster: what
+catches a burst is its velocity and its shared entities, not its first members' labels. The counters drawn
+per event (``orders_last_24h``, ``failed_logins_24h``, ``password_reset_recent``, ``new_device``, ``new_ip``) come
+from the pattern's mechanism, not from counting the generated events.
+
 Features
 --------
-Per-event features are drawn by the pattern that produced the event. Graph features are computed afterwards,
-once every event has its time, as a feature store would have served them at that moment: each event counts only
-the events at or before it, itself included, never a later one. Events in the same second are taken in the
-order ``generate_events`` emits them (a stable sort of the times, so generation order breaks ties): of two such
-events the first does not see the second. The graph features are the distinct accounts seen so far on the
-event's device and IP, the most accounts so far on any payment instrument the account has used so far, how many
-of the account's devices, IPs and instruments (so far) another account has also used (so far), and the share of
-the seller's orders so far placed by accounts younger than ``NEW_ACCOUNT_DAYS``. Features that do not apply to
-an event type are 0 (no amount on a login, no rating off a review, no seller on a payout). The generator never
+Per-event features are drawn by the pattern that produced the event, except ``hour_of_day`` (see Time). Graph
+features are computed afterwards, once every event has its time, as a feature store would have served them at that
+moment: each event counts only the events at or before it, itself included, never a later one. Events in the same
+second are taken in the order ``generate_events`` emits them (a stable sort of the times, so generation order breaks
+ties): of two such events the first does not see the second. The graph features are the distinct accounts seen so
+far on the event's device and IP, the most accounts so far on any payment instrument the account has used so far,
+how many of the account's devices, IPs and instruments (so far) another account has also used (so far), and the
+share of the seller's orders so far placed by accounts younger than ``NEW_ACCOUNT_DAYS``. Features that do not apply
+to an event type are 0 (no amount on a login, no rating off a review, no seller on a payout). The generator never
 emits missing values; the model is still trained to accept them (see ``riskcascade.training``).
 
 Label arrival

@@ -83,12 +83,12 @@ TEMPO: dict[str, tuple[Tempo, Tempo]] = {
     "account_takeover": (Tempo((0.5, 24), 1.5, 90), Tempo((48, 120), 1.0, 600)),
     # a ring's trades over one to two weeks, a few at a sitting; sleepers one at a time over three to four weeks
     "collusion": (Tempo((168, 336), 3.0, 150), Tempo((504, 648), 1.0, 600)),
-    # a batch's sign-ups and redemptions in a few hours, one account after another; over a day or two
-    "promo_abuse": (Tempo((1, 5), 12.0, 40), Tempo((12, 48), 2.0, 300)),
-    # a seller's campaign over a few days, several fake orders and reviews a sitting; over two to three weeks
+    # a batch's sign-ups and redemptions in a few hours, one account after another; over half a day to two days
+    "promo_abuse": (Tempo((1, 5), 12.0, 40), Tempo((12, 48), 1.0, 300)),
+    # a seller's campaign over a few days, several fake orders and reviews a sitting; over ten to twenty days
     "brushing": (Tempo((48, 120), 5.0, 60), Tempo((240, 480), 1.5, 600)),
     # per campaign: bursts of the racks' phones firing in sequence within one to two days; at human pace over a week
-    "click_farm": (Tempo((24, 48), 15.0, 6), Tempo((120, 240), 3.0, 120)),
+    "click_farm": (Tempo((24, 48), 15.0, 6), Tempo((120, 240), 2.0, 120)),
 }
 ATO_CAMPAIGN_HOURS = ((24, 96), (168, 336))  # a crew works through its victims over this (plain, slow crews)
 SOPHISTICATED_BURST_SHARE = 0.25  # sophisticated clusters that still act at the burst tempo (a promo's deadline)

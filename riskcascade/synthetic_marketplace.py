@@ -11,10 +11,10 @@ people travel (new IP on hotel Wi-Fi), buy new phones (new device), send gifts (
 forget passwords (failed logins, a reset), buy in a hurry (short sessions), browse heavily (many clicks),
 write three-word five-star reviews; new users redeem welcome promos and flock to trending new sellers.
 
-Time: an ordinary account's events fall on random days of the window at hours drawn from a daily profile, and a
-share of them follow the account's previous event within minutes (log in, then order). Clusters (fraud rings,
-batches, farms and their legitimate twins) act within one active period in sittings: see ``Tempo`` and
-``cluster_times``.
+Time: an ordinary account's events fall on random days of the window at hours drawn from a daily profile; a share
+follow the account's previous event within minutes (log in, then order), users of a public computer queue one
+after another and travellers on one lounge's Wi-Fi overlap. Clusters (fraud rings, batches, farms and their
+legitimate twins) act within one active period in sittings: see ``Tempo`` and ``cluster_times``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ WINDOW_DAYS = 30  # every event falls within this many days of the window's star
 SECONDS_PER_HOUR = 3600
 SECONDS_PER_DAY = 86400
 WINDOW_SECONDS = WINDOW_DAYS * SECONDS_PER_DAY
+WINDOW_OVERHANG_SHARE = 0.65  # share of a cluster's active period that may fall outside the window and be cut
+SITTING_GAP_SIGMA = 1.0  # lognormal spread of the time between consecutive events of a cluster's sitting
 NEW_ACCOUNT_DAYS = 30  # an account younger than this is "new" (seller_new_buyer_share, young buyers)
 EVENTS_PER_LEGIT_ACCOUNT = 5.0  # average legitimate activity per account over the window
 EVENTS_PER_SELLER = 150.0  # legitimate events per legitimate seller
@@ -69,8 +71,6 @@ LEGIT_KIOSK_QUEUE_SHARE = 0.8  # events on a public computer that come right aft
 LEGIT_KIOSK_QUEUE_GAP_SECONDS = 300.0
 LEGIT_LOUNGE_SHARE = 0.5  # events on hotel / airport Wi-Fi that come right after another traveller's there
 LEGIT_LOUNGE_GAP_SECONDS = 400.0
-WINDOW_OVERHANG_SHARE = 0.65  # share of a cluster's active period that may fall outside the window and be cut
-SITTING_GAP_SIGMA = 1.0  # lognormal spread of the time between consecutive events of a cluster's sitting
 LEGIT_SHADY_WORDING_SHARE = 0.05  # notes worded like a fraudster's ("ship to freight forwarder")
 LEGIT_MIX = {
     EventType.ORDER: 0.45,
@@ -469,7 +469,7 @@ def legit_events(world: LegitWorld, pop: Population, rng: np.random.Generator, n
     b.terse = chance(rng, LEGIT_TERSE_REVIEW_SHARE, n)
     # Who an event follows in time: the previous user of a public computer, another traveller in the same lounge,
     # otherwise the account's own previous activity.
-    kind = np.where(public_device, 2, np.where(travelling, 1, 0))
+    kind = np.where(public_device, 2, np.where(travelling, 1, 0))  # 0 account, 1 lounge (IP), 2 public computer
     key = np.where(public_device, b.entity["device"], np.where(travelling, b.entity["ip"], account))
     follow_share = np.array([LEGIT_FOLLOW_UP_SHARE, LEGIT_LOUNGE_SHARE, LEGIT_KIOSK_QUEUE_SHARE])[kind]
     gap = np.array([LEGIT_FOLLOW_UP_GAP_SECONDS, LEGIT_LOUNGE_GAP_SECONDS, LEGIT_KIOSK_QUEUE_GAP_SECONDS])[kind]

@@ -54,7 +54,7 @@ def _small_platform(tmp_path):
     )
     from riskcascade.synthetic import FEATURE_NAMES, generate_events, split_events, write_events_csv
 
-    events = generate_events(300, seed=4)
+    events = generate_events(500, seed=4)  # fraud comes in bursts: 500 events put both labels in every part
     for name, part in split_events(events, 4).items():  # `index` reads every split (labels carry their time)
         write_events_csv(tmp_path / "data" / f"{name}.csv", part)
     x = np.array([[e.features[f] for f in FEATURE_NAMES] for e in events])

@@ -1,4 +1,5 @@
-"""The synthetic generator is time-true: label arrival times, point-in-time graph features, a time-ordered split."""
+"""The synthetic generator is time-true: label arrival times, point-in-time graph features, a time-ordered split,
+and realistic temporal structure (bursty fraud clusters and twins, ordinary activity spread over weeks)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ import random
 import statistics
 from datetime import timedelta
 
+import numpy as np
 import pytest
 
 from riskcascade.datasets.synthetic_source import synthetic_dataset
 from riskcascade.domain import RISK_TYPES
-from riskcascade.synthetic import LabelledEvent, generate_events, split_events
+from riskcascade.synthetic import (
+    WINDOW_DAYS,
+    WINDOW_START,
+    LabelledEvent,
+    _simulate,
+    _Simulation,
+    generate_events,
+    split_events,
+)
 from riskcascade.synthetic_marketplace import NEW_ACCOUNT_DAYS
 
 N_EVENTS = 3000
@@ -137,8 +147,9 @@ def test_split_orders_by_time_whatever_the_input_order(events):
 
 
 def test_split_refuses_a_part_without_both_labels(events):
-    head = events[:400]
-    no_late_fraud = head[:340] + [dataclasses.replace(e, label=0, risk_type="") for e in head[340:]]
+    """All of the data set, so that train and valid hold fraud (it comes in bursts: a short head may hold none)."""
+    n_test = round(0.15 * N_EVENTS)
+    no_late_fraud = events[:-n_test] + [dataclasses.replace(e, label=0, risk_type="") for e in events[-n_test:]]
     with pytest.raises(ValueError, match="test part"):
         split_events(no_late_fraud, seed=3)
 
@@ -156,3 +167,144 @@ def test_synthetic_dataset_declares_event_and_label_times(events):
     rows = [e for part in parts.values() for e in part]
     assert dataset.times.tolist() == [e.occurred_at.timestamp() for e in rows]
     assert dataset.label_times.tolist() == [e.label_known_at.timestamp() for e in rows]
+
+
+# --- Temporal structure: bursty clusters, spread-out ordinary life ------------------------------------------------
+# Cluster-level checks need the generator's own record of which cluster made each event (``_simulate``) and enough
+# clusters of every pattern, so they run on the production size.
+
+N_LARGE = 60000
+HOUR = 3600
+DAY = 24 * HOUR
+PLAIN_SPAN_HOURS = {  # documented range of the median first-to-last span of a plain cluster (module docstring)
+    "account_takeover": (10 / 60, 24),
+    "collusion": (3 * 24, 14 * 24),
+    "promo_abuse": (10 / 60, 5),
+    "brushing": (24, 5 * 24),
+    "click_farm": (4, 48),
+}
+
+
+@pytest.fixture(scope="module")
+def sim() -> _Simulation:
+    return _simulate(N_LARGE, SEED)
+
+
+def _by_group(key: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per group with two or more events: its first-to-last span and the median gap between consecutive events
+    (seconds)."""
+    order = np.lexsort((seconds, key))
+    key, seconds = key[order], seconds[order]
+    spans, gaps = [], []
+    for group in np.split(seconds, np.flatnonzero(np.diff(key)) + 1):
+        if len(group) >= 2:
+            spans.append(group[-1] - group[0])
+            gaps.append(np.median(np.diff(group)))
+    return np.array(spans, dtype=float), np.array(gaps, dtype=float)
+
+
+def _clusters(sim: _Simulation, pattern: str, fraud: bool, sophisticated: bool) -> tuple[np.ndarray, np.ndarray]:
+    risk_type = np.array(sim.risk_type)
+    mask = (sim.pattern == pattern) & ((risk_type != "") == fraud) & (sim.sophisticated == sophisticated)
+    return _by_group(sim.cluster[mask], sim.seconds[mask])
+
+
+def _ordinary_account_spans(sim: _Simulation) -> np.ndarray:
+    ordinary = sim.cluster < 0
+    return _by_group(sim.entity["account"][ordinary], sim.seconds[ordinary])[0]
+
+
+def test_ordinary_accounts_spread_their_events_over_weeks(sim):
+    spans = _ordinary_account_spans(sim)
+    assert len(spans) > 5000
+    assert np.median(spans) >= 10 * DAY
+    days = np.bincount(sim.seconds[sim.cluster < 0] // DAY, minlength=WINDOW_DAYS)
+    assert len(days) == WINDOW_DAYS and days.min() >= 0.85 * days.mean() and days.max() <= 1.15 * days.mean()
+
+
+@pytest.mark.parametrize("risk_type", RISK_TYPES)
+def test_plain_fraud_clusters_act_in_short_bursts(sim, risk_type):
+    """Median span within the documented range, and much shorter than an ordinary account's activity."""
+    spans, _ = _clusters(sim, risk_type, fraud=True, sophisticated=False)
+    assert len(spans) >= 5
+    low, high = PLAIN_SPAN_HOURS[risk_type]
+    assert low <= np.median(spans) / HOUR <= high
+    assert np.median(spans) <= 0.5 * np.median(_ordinary_account_spans(sim))
+
+
+@pytest.mark.parametrize("risk_type", RISK_TYPES)
+def test_sophisticated_clusters_are_slower(sim, risk_type):
+    """Sophisticated clusters spread over longer periods at a far slower pace: velocity alone misses them."""
+    plain_spans, plain_gaps = _clusters(sim, risk_type, fraud=True, sophisticated=False)
+    pro_spans, pro_gaps = _clusters(sim, risk_type, fraud=True, sophisticated=True)
+    assert len(pro_spans) >= 5
+    assert np.median(pro_spans) > np.median(plain_spans)
+    assert np.median(pro_gaps) >= 5 * np.median(plain_gaps)
+
+
+@pytest.mark.parametrize("risk_type", RISK_TYPES)
+def test_legitimate_twins_burst_too(sim, risk_type):
+    """Twins pace like sophisticated fraud, and a share of them bursts like plain fraud: a burst is no proof."""
+    plain_spans, _ = _clusters(sim, risk_type, fraud=True, sophisticated=False)
+    pro_spans, _ = _clusters(sim, risk_type, fraud=True, sophisticated=True)
+    twin_spans, _ = _clusters(sim, risk_type, fraud=False, sophisticated=True)
+    assert len(twin_spans) >= 10
+    assert 0.5 <= np.median(twin_spans) / np.median(pro_spans) <= 2
+    assert np.mean(twin_spans <= PLAIN_SPAN_HOURS[risk_type][1] * HOUR) >= 0.1
+
+
+def test_burst_events_are_seconds_to_minutes_apart(sim):
+    """A farm's phones fire in sequence and a promo batch's accounts redeem one after another."""
+    for risk_type, most_seconds in (("click_farm", 60), ("promo_abuse", 120)):
+        _, gaps = _clusters(sim, risk_type, fraud=True, sophisticated=False)
+        assert np.median(gaps) <= most_seconds, risk_type
+
+
+def _events_in_previous_hour(key: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    """For each event, the events with the same key in [t - 1 h, t), as the entity state's 1 h window counts them."""
+    order = np.lexsort((seconds, key))
+    stamp = key[order] * (2 * WINDOW_DAYS * DAY) + seconds[order]  # sorted: keys apart, times within a key
+    out = np.empty(len(key), dtype=np.int64)
+    out[order] = np.searchsorted(stamp, stamp) - np.searchsorted(stamp, stamp - HOUR)
+    return np.where(key >= 0, out, 0)
+
+
+def test_device_velocity_is_a_signal_but_not_proof(sim):
+    fraud = np.array(sim.risk_type) != ""
+    busy = _events_in_previous_hour(sim.entity["device"], sim.seconds) >= 5
+    assert busy.sum() >= 200
+    assert fraud[busy].mean() >= 4 * fraud.mean()
+    legit_busy = busy & ~fraud
+    assert legit_busy.sum() >= 0.1 * busy.sum()
+    assert (legit_busy & (sim.cluster >= 0)).sum() > 0  # twins among them, not only shared computers
+
+
+def test_night_profile_survives_the_bursts(sim):
+    """Plain takeover crews strike at night far more often than ordinary users (``hour_of_day`` keeps its signal)."""
+    night = sim.feature["hour_of_day"] < 6
+    takeover = (np.array(sim.risk_type) == "account_takeover") & ~sim.sophisticated
+    assert night[takeover].mean() >= 2 * night[sim.cluster < 0].mean()
+
+
+def test_hour_of_day_is_the_utc_hour_and_every_event_is_inside_the_window(events, sim):
+    end = WINDOW_START + timedelta(days=WINDOW_DAYS)
+    assert all(WINDOW_START <= e.occurred_at < end and e.features["hour_of_day"] == e.occurred_at.hour for e in events)
+    assert sim.seconds.min() >= 0 and sim.seconds.max() < WINDOW_DAYS * DAY
+    assert np.array_equal(sim.feature["hour_of_day"], sim.seconds % DAY // HOUR)
+
+
+def test_every_risk_type_reaches_each_part_of_the_time_split(sim):
+    """Bursty clusters still spread over the window: each part of the time split sees every pattern."""
+    order = np.argsort(sim.seconds, kind="stable")
+    risk_type = np.array(sim.risk_type)[order]
+    n_valid = n_test = round(0.15 * N_LARGE)
+    parts = np.split(risk_type, [N_LARGE - n_valid - n_test, N_LARGE - n_test])
+    for part in parts:
+        assert set(part) == {"", *RISK_TYPES}
+        assert 0.07 <= np.mean(part != "") <= 0.13
+
+
+def test_times_are_deterministic(sim):
+    again = _simulate(N_LARGE, SEED)
+    assert np.array_equal(again.seconds, sim.seconds) and np.array_equal(again.cluster, sim.cluster)
+    assert not np.array_equal(_simulate(N_LARGE, SEED + 1).seconds, sim.seconds)

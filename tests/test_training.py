@@ -279,6 +279,19 @@ def test_eval_command_names_the_bad_cell(tmp_path):
     assert "row 2, column 'x': 'oops' is not a number" in result.output
 
 
+def test_platt_calibration_keeps_the_ranking_when_validation_separates_the_classes():
+    """A small validation period the model separates perfectly: plain Platt targets drove the slope to infinity
+    and every confident score to exactly 1.0 (recall at 1% FPR then read 0 on a 6,000-event model)."""
+    rng = np.random.default_rng(2)
+    raw = np.concatenate([rng.uniform(0.001, 0.3, 500), rng.uniform(0.7, 0.999, 40)])
+    y = np.concatenate([np.zeros(500), np.ones(40)])
+    calibrator = PlattCalibrator.fit(raw, y)
+    assert np.isfinite(calibrator.a) and 0 < calibrator.a < 20
+    calibrated = calibrator.apply(np.sort(raw))
+    assert np.all(np.diff(calibrated) > 0)  # strictly increasing: no ties at 1.0 or 0.0
+    assert calibrated.max() < 1.0 and calibrated.min() > 0.0
+
+
 def test_platt_calibration_repairs_shifted_probabilities():
     rng = np.random.default_rng(0)
     true_p = sigmoid(rng.normal(-2.0, 1.5, 20_000))
