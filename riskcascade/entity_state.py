@@ -25,23 +25,28 @@ the two shortest windows), ``L.mean_<W>.<a>`` / ``L.max_<W>.<a>`` (over the long
 (other accounts on it with a known fraud label).
 
 A window counts the events with time in ``[t - w, t)``: strictly before the event, so an event never sees itself
-or anything at or after its own instant. Labels count when ``known_at <= t``.
+or anything at or after its own instant. Labels count when ``known_at <= t``. Sums, means and maxima leave missing
+(NaN) values out: a sum adds the others in event order (events at one instant in fold order) from 0.0, a mean divides
+that by their count, a max is the first largest; with none, a sum is 0 and a mean or max missing. The order is part
+of the definition (it decides the last bits, and training must learn the served values): ``window_features`` keeps it
+in a loop that numba compiles without fast-math, over each entity's history held in one float64 array.
 
 Backends (``StateSettings.backend``): ``EmbeddedEntityState`` (in the scorer process, durable in a SQLite log that
 is replayed at start, so a restarted replica loses no history) and ``RedisEntityState`` (``riskcascade.state_redis``,
 shared by several replicas). Both run the feature and fold logic of ``EntityBook`` below, so they agree exactly.
-This module imports nothing of Ray, gRPC or Redis.
+This module imports nothing of Ray, gRPC or Redis; numba is imported when the first ``EntityBook`` is made.
 """
 
 from __future__ import annotations
 
-import bisect
+import functools
 import json
 import math
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,42 +183,245 @@ class LabelEvent:
     known_at: float  # seconds since the epoch (UTC)
 
 
-@dataclass
+_INITIAL_CAPACITY = 4  # history rows a record starts with; the array doubles when full
+
+
+def _capacity_for(n: int) -> int:
+    """The history capacity for ``n`` events and room for more: the initial one, doubled until above ``n``."""
+    capacity = _INITIAL_CAPACITY
+    while capacity <= n:
+        capacity *= 2
+    return capacity
+
+
+@dataclass(eq=False, slots=True)
 class EntityRecord:
-    """The state of one entity. Lists of times are kept sorted (events arrive mostly in time order)."""
+    """The state of one entity.
+
+    Its per-event history is a float64 array ``history`` of one row per event, ``[time, aggregated values...]`` (NaN =
+    missing), sorted by time with the events of one instant in fold order, and spare rows at the end (the array doubles
+    when full); ``times`` holds the same times as a list, for bisection in Python. Distinct counterparts and fraud
+    accounts keep a sorted list of their times beside their dictionaries, so that counting the ones known before an
+    instant is a bisection. Change the history through ``add_event``, ``insert_history``, ``load_history`` and
+    ``trim``, and counterparts and fraud accounts through ``see_counterpart`` and ``note_fraud_account``.
+    """
 
     first_seen: float = math.inf
     last_seen: float = -math.inf
-    times: list[float] = field(default_factory=list)
-    rows: list[tuple[float, ...]] = field(default_factory=list)
     counterparts: dict[str, dict[str, float]] = field(default_factory=dict)  # link -> value -> first seen
-    fraud_known: list[float] = field(default_factory=list)  # arrival times of fraud labels
+    fraud_known: list[float] = field(default_factory=list)  # arrival times of fraud labels, sorted
     legit_known: list[float] = field(default_factory=list)
     fraud_accounts: dict[str, float] = field(default_factory=dict)  # account -> when its fraud became known
+    times: list[float] = field(default_factory=list, init=False)
+    history: np.ndarray | None = field(default=None, init=False, repr=False)  # [capacity, 1 + width]
+    _firsts: dict[str, list[float]] = field(init=False, repr=False)  # link -> sorted first-seen times
+    _fraud_times: list[float] = field(init=False, repr=False)  # sorted fraud_accounts times
 
-    def add_event(self, time: float, row: tuple[float, ...]) -> None:
-        self.first_seen = min(self.first_seen, time)
-        self.last_seen = max(self.last_seen, time)
-        if not self.times or time >= self.times[-1]:
-            self.times.append(time)
-            self.rows.append(row)
+    def __post_init__(self) -> None:
+        self._firsts = {m: sorted(seen.values()) for m, seen in self.counterparts.items()}
+        self._fraud_times = sorted(self.fraud_accounts.values())
+
+    # ---- per-event history ------------------------------------------------------------------------------------
+
+    def add_event(self, time: float, values: Sequence[float]) -> None:
+        """An event at ``time`` with aggregated ``values``: seen then, its values after the others at that instant."""
+        self.add_row(time, np.array((time, *values), dtype=np.float64))
+
+    def add_row(self, time: float, row: np.ndarray) -> None:
+        """``add_event`` with the event as its history row ``[time, values...]`` (the book builds it once per event)."""
+        if time < self.first_seen:
+            self.first_seen = time
+        if time > self.last_seen:
+            self.last_seen = time
+        times, history = self.times, self.history
+        if times and time >= times[-1] and history is not None and len(times) < history.shape[0]:
+            history[len(times)] = row  # the common case: in time order, with room
+            times.append(time)
         else:
-            at = bisect.bisect_right(self.times, time)
-            self.times.insert(at, time)
-            self.rows.insert(at, row)
+            self._insert(time, row)
+
+    def insert_history(self, time: float, values: Sequence[float]) -> None:
+        """Add an event's values to the per-event history alone (first and last seen stay), after the others at its
+        instant."""
+        self._insert(time, np.array((time, *values), dtype=np.float64))
+
+    def _insert(self, time: float, row: np.ndarray) -> None:
+        times = self.times
+        n = len(times)
+        history = self.history
+        if history is None:
+            history = self.history = np.empty((_INITIAL_CAPACITY, len(row)))
+        elif n == history.shape[0]:
+            history = self._resize(2 * n)
+        if not n or time >= times[-1]:
+            history[n] = row
+            times.append(time)
+        else:
+            at = bisect_right(times, time)
+            history[at + 1:n + 1] = history[at:n]  # numpy copies overlapping slices as if through a buffer
+            history[at] = row
+            times.insert(at, time)
+
+    def load_history(self, times: Sequence[float], values: np.ndarray) -> None:
+        """Replace the per-event history (a backend loading a record): ``times`` sorted, ``values`` ``[n, width]`` in
+        the same order. First and last seen stay."""
+        self.times = list(times)
+        n = len(self.times)
+        if not n:
+            self.history = None
+            return
+        values = np.asarray(values, dtype=np.float64).reshape(n, -1)
+        history = self.history = np.empty((_capacity_for(n), 1 + values.shape[1]))
+        history[:n, 0] = self.times
+        history[:n, 1:] = values
+
+    def row(self, index: int) -> tuple[float, ...]:
+        """The aggregated values of the ``index``-th event of the history (NaN = missing)."""
+        assert self.history is not None
+        return tuple(self.history[index, 1:].tolist())
 
     def trim(self, before: float) -> None:
         """Forget per-event history older than ``before`` (first/last seen, counterparts and labels stay).
 
         The latest event before ``before`` stays too: a second event at the entity's last instant takes its idle
         time from it (``features`` reads the latest time strictly before the event)."""
-        cut = bisect.bisect_left(self.times, before) - 1
-        if cut > 0:
-            del self.times[:cut]
-            del self.rows[:cut]
+        cut = bisect_left(self.times, before) - 1
+        if cut <= 0:
+            return
+        del self.times[:cut]
+        n = len(self.times)
+        assert self.history is not None
+        if _capacity_for(n) < self.history.shape[0] // 2:  # most of it went: give the memory back
+            self._resize(_capacity_for(n), start=cut)
+        else:
+            self.history[:n] = self.history[cut:cut + n]
+
+    def _resize(self, capacity: int, start: int = 0) -> np.ndarray:
+        """A new history array of ``capacity`` rows holding the rows of the current one from ``start``."""
+        assert self.history is not None
+        n = len(self.times)
+        resized = np.empty((capacity, self.history.shape[1]))
+        resized[:n] = self.history[start:start + n]
+        self.history = resized
+        return resized
+
+    # ---- counterparts and labels ------------------------------------------------------------------------------
+
+    def see_counterpart(self, link: str, value: str, time: float) -> None:
+        """``value`` of ``link`` seen together with this entity at ``time`` (the earliest time is kept)."""
+        seen = self.counterparts.get(link)
+        if seen is None:
+            seen, self._firsts[link] = self.counterparts.setdefault(link, {}), []
+        first = seen.get(value)
+        if first is not None and time >= first:
+            return
+        firsts = self._firsts[link]
+        if first is not None:
+            del firsts[bisect_left(firsts, first)]
+        seen[value] = time
+        insort(firsts, time)
+
+    def counterparts_before(self, link: str, t: float) -> int:
+        """Distinct values of ``link`` first seen with this entity strictly before ``t``."""
+        firsts = self._firsts.get(link)
+        return bisect_left(firsts, t) if firsts else 0
+
+    def note_fraud_account(self, account: str, known_at: float) -> None:
+        """``account`` known for fraud on this entity from ``known_at`` (the earliest time is kept)."""
+        old = self.fraud_accounts.get(account)
+        if old is not None:
+            if known_at >= old:
+                return
+            del self._fraud_times[bisect_left(self._fraud_times, old)]
+        self.fraud_accounts[account] = known_at
+        insort(self._fraud_times, known_at)
+
+    def fraud_accounts_by(self, t: float, own_account: str) -> int:
+        """Accounts other than ``own_account`` known for fraud on this entity by ``t``."""
+        count = bisect_right(self._fraud_times, t)
+        own = self.fraud_accounts.get(own_account)
+        return count - 1 if own is not None and own <= t else count
 
     def fraud_known_by(self, t: float) -> int:
-        return bisect.bisect_right(self.fraud_known, t)
+        return bisect_right(self.fraud_known, t)
+
+
+def window_features(history: np.ndarray, n: int, t: float, first_seen: float, last_seen: float, windows: np.ndarray,
+                    n_sums: int, out: np.ndarray, at: int) -> None:
+    """Write an entity's history features as of ``t`` to ``out[at:]``: hours since first and last seen, events per
+    window, then per aggregated value its sums over the ``n_sums`` shortest windows and its mean and max over the
+    longest. ``history`` is the record's array (its first ``n`` rows), ``windows`` the lengths in seconds, ascending.
+
+    The definitions of ``EntityBook.features`` (see the module docstring): a window is ``[t - w, t)``; a sum adds the
+    values that are not NaN in event order from 0.0, as Python's ``sum`` over them; a mean is that sum over their
+    count; a max is the first largest; with none, a sum is 0 and a mean or max NaN. Plain Python, compiled by numba
+    (no fast-math: the additions happen in this order, so the features are the same in every backend and process).
+    """
+    width = history.shape[1] - 1
+    lo, hi = 0, n
+    while lo < hi:  # the events strictly before t: bisect_left
+        mid = (lo + hi) // 2
+        if history[mid, 0] < t:
+            lo = mid + 1
+        else:
+            hi = mid
+    end = lo
+    last = history[end - 1, 0] if end else last_seen if last_seen < t else np.nan
+    out[at] = (t - first_seen) / SECONDS_PER_HOUR
+    out[at + 1] = (t - last) / SECONDS_PER_HOUR if last == last else np.nan
+    n_windows = windows.shape[0]
+    starts = np.empty(n_windows, dtype=np.int64)
+    for k in range(n_windows):
+        lo, hi = 0, end
+        since = t - windows[k]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if history[mid, 0] < since:
+                lo = mid + 1
+            else:
+                hi = mid
+        starts[k] = lo
+        out[at + 2 + k] = end - lo
+    per_value = n_sums + 2
+    first = at + 2 + n_windows
+    for k in range(n_sums):
+        for j in range(width):
+            total = 0.0
+            for i in range(starts[k], end):
+                v = history[i, 1 + j]
+                if v == v:
+                    total += v
+            out[first + j * per_value + k] = total
+    totals = np.zeros(width)
+    counts = np.zeros(width, dtype=np.int64)
+    tops = np.full(width, -np.inf)
+    for i in range(starts[n_windows - 1], end):
+        for j in range(width):
+            v = history[i, 1 + j]
+            if v == v:
+                totals[j] += v
+                counts[j] += 1
+                if v > tops[j]:  # the first of equal values stays, as with max()
+                    tops[j] = v
+    for j in range(width):
+        mean_at = first + j * per_value + n_sums
+        if counts[j]:
+            out[mean_at] = totals[j] / counts[j]
+            out[mean_at + 1] = tops[j]
+        else:
+            out[mean_at] = np.nan
+            out[mean_at + 1] = np.nan
+
+
+@functools.cache
+def _compiled_window_features() -> Callable[..., None]:
+    """``window_features`` compiled by numba (once per process; numba caches it on disk beside this module), and
+    called once, so that the compilation (or the load of the cache) happens here rather than on a request."""
+    import numba
+
+    compiled = numba.njit(cache=True, nogil=True)(window_features)
+    compiled(np.zeros((1, 2)), 1, 1.0, 0.0, 0.0, np.ones(1), 1, np.empty(8), 0)
+    return compiled
 
 
 class EntityBook:
@@ -230,8 +438,26 @@ class EntityBook:
         self.records: dict[tuple[str, str], EntityRecord] = {}
         self.events: dict[str, StateEvent] = {}
         self.labelled: dict[str, bool] = {}  # event id -> fraud, for events whose label was folded
-        self._windows = [float(w) for w in layout.windows_s]
-        self._width = len(layout.aggregated)
+        self._windows = np.array(layout.windows_s, dtype=np.float64)
+        self._window_features = _compiled_window_features()
+        self._no_history = np.empty((0, 1 + len(layout.aggregated)))
+        self._n_sums = min(SUM_WINDOWS, len(layout.windows_s))
+        self._counterparts = {link: layout.counterparts(link) for link in layout.links}
+        # Per link, in the order of state_feature_names: window_features' (age and idle time, events per window, per
+        # aggregated value its sums, mean and max), then distinct counterparts, labels known and fraud accounts.
+        # What an entity never seen before gets: no age nor idle time, no events and so no mean or max, zeros.
+        history_unseen = [math.nan, math.nan] + [0.0] * len(layout.windows_s)
+        history_unseen += ([0.0] * self._n_sums + [math.nan, math.nan]) * len(layout.aggregated)
+        self._history_size = len(history_unseen)
+        self._links: list[tuple[str, int, tuple[str, ...], bool]] = []  # link, where its features start, ...
+        unseen: list[float] = []
+        for link in layout.links:
+            counterparts = self._counterparts[link]
+            has_fraud_accounts = link != ACCOUNT and ACCOUNT in layout.links
+            self._links.append((link, len(unseen), counterparts, has_fraud_accounts))
+            unseen += history_unseen + [0.0] * (len(counterparts) + 2 + has_fraud_accounts)
+        assert len(unseen) == len(self.names)
+        self._unseen = np.array(unseen)
 
     def record(self, link: str, value: str) -> EntityRecord:
         key = (link, value)
@@ -242,47 +468,39 @@ class EntityBook:
 
     def features(self, event: StateEvent) -> np.ndarray:
         """The state features of ``event`` as of its time, from what the book holds (nothing is changed)."""
-        out: list[float] = []
+        out = np.empty(len(self.names))
+        self._features(event, out)
+        return out
+
+    def _features(self, event: StateEvent, out: np.ndarray) -> None:
+        """``features`` written to ``out``."""
+        out[:] = self._unseen
         t = event.time
-        account = event.entities.get(ACCOUNT, "")
-        n_windows = len(self._windows)
-        for link in self.layout.links:
-            value = event.entities.get(link, "")
-            rec = self.records.get((link, value)) if value else None
-            counterparts = self.layout.counterparts(link)
-            has_fraud_accounts = link != ACCOUNT and ACCOUNT in self.layout.links
-            if rec is None or rec.first_seen >= t:  # never seen before this event
-                out += [math.nan, math.nan]
-                out += [0.0] * n_windows
-                for _ in range(self._width):
-                    out += [0.0] * min(SUM_WINDOWS, n_windows) + [math.nan, math.nan]
-                out += [0.0] * len(counterparts)
-                fraud = float(rec.fraud_known_by(t)) if rec is not None else 0.0
-                legit = float(bisect.bisect_right(rec.legit_known, t)) if rec is not None else 0.0
-                out += [fraud, legit]
-                if has_fraud_accounts:
-                    out.append(_fraud_accounts(rec, t, account) if rec is not None else 0.0)
+        entities = event.entities
+        account = entities.get(ACCOUNT, "")
+        records = self.records
+        window_features, windows, n_sums = self._window_features, self._windows, self._n_sums
+        history_size = self._history_size
+        for link, at, counterparts, has_fraud_accounts in self._links:  # what stays as in _unseen is left alone
+            value = entities.get(link)
+            rec = records.get((link, value)) if value else None
+            if rec is None:
                 continue
-            end = bisect.bisect_left(rec.times, t)  # events strictly before t
-            last = rec.times[end - 1] if end else rec.last_seen if rec.last_seen < t else math.nan
-            out += [(t - rec.first_seen) / SECONDS_PER_HOUR,
-                    (t - last) / SECONDS_PER_HOUR if not math.isnan(last) else math.nan]
-            starts = [bisect.bisect_left(rec.times, t - w) for w in self._windows]
-            out += [float(end - s) for s in starts]
-            longest = rec.rows[starts[-1]:end]
-            short = [rec.rows[s:end] for s in starts[:SUM_WINDOWS]]
-            for j in range(self._width):
-                for rows in short:
-                    out.append(_nansum(r[j] for r in rows))
-                column = [r[j] for r in longest if not math.isnan(r[j])]
-                out += [sum(column) / len(column), max(column)] if column else [math.nan, math.nan]
-            for m in counterparts:
-                seen = rec.counterparts.get(m, {})
-                out.append(float(sum(1 for first in seen.values() if first < t)))
-            out += [float(rec.fraud_known_by(t)), float(bisect.bisect_right(rec.legit_known, t))]
-            if has_fraud_accounts:
-                out.append(_fraud_accounts(rec, t, account))
-        return np.array(out, dtype=np.float64)
+            seen = rec.first_seen < t  # else never seen before this event: only labels can count
+            if seen:
+                history = rec.history if rec.history is not None else self._no_history
+                window_features(history, len(rec.times), t, rec.first_seen, rec.last_seen, windows, n_sums, out, at)
+            at += history_size
+            if seen:
+                for k, m in enumerate(counterparts):
+                    out[at + k] = rec.counterparts_before(m, t)
+            at += len(counterparts)
+            if rec.fraud_known:
+                out[at] = bisect_right(rec.fraud_known, t)
+            if rec.legit_known:
+                out[at + 1] = bisect_right(rec.legit_known, t)
+            if has_fraud_accounts and rec.fraud_accounts:
+                out[at + 2] = rec.fraud_accounts_by(t, account)
 
     def fold_event(self, event: StateEvent) -> bool:
         """Add ``event`` to each of its entities; False (and nothing changes) when the id was folded before."""
@@ -290,26 +508,27 @@ class EntityBook:
             return False
         self.events[event.event_id] = event
         t = event.time
-        present = {link: event.entities.get(link, "") for link in self.layout.links}
-        present = {link: value for link, value in present.items() if value}
+        present = {link: value for link in self.layout.links if (value := event.entities.get(link, ""))}
         account = present.get(ACCOUNT, "")
         account_fraud_at = None
         if account:
             rec = self.records.get((ACCOUNT, account))
             if rec is not None and rec.fraud_known:
                 account_fraud_at = rec.fraud_known[0]
+        row = np.array((t, *event.values), dtype=np.float64)
+        records = self.records
         for link, value in present.items():
-            rec = self.record(link, value)
-            rec.add_event(t, event.values)
-            for m in self.layout.counterparts(link):
+            rec = records.get((link, value))
+            if rec is None:
+                rec = records[(link, value)] = EntityRecord()
+            rec.add_row(t, row)
+            for m in self._counterparts[link]:
                 other = present.get(m)
                 if other:
-                    seen = rec.counterparts.setdefault(m, {})
-                    if t < seen.get(other, math.inf):
-                        seen[other] = t
+                    rec.see_counterpart(m, other, t)
             if link != ACCOUNT and account and account_fraud_at is not None:
                 # an account already known for fraud shows up on this entity: known here from now on
-                _note_fraud_account(rec, account, max(account_fraud_at, t))
+                rec.note_fraud_account(account, max(account_fraud_at, t))
         return True
 
     def fold_label(self, label: LabelEvent) -> bool:
@@ -325,16 +544,16 @@ class EntityBook:
             if not value:
                 continue
             rec = self.record(link, value)
-            bisect.insort(rec.fraud_known if label.fraud else rec.legit_known, label.known_at)
+            insort(rec.fraud_known if label.fraud else rec.legit_known, label.known_at)
         if label.fraud and account:
             account_rec = self.record(ACCOUNT, account)
             for m, values in account_rec.counterparts.items():
                 for other, first in values.items():
-                    _note_fraud_account(self.record(m, other), account, max(label.known_at, first))
+                    self.record(m, other).note_fraud_account(account, max(label.known_at, first))
             for link in self.layout.links:  # the event's own seller too (sellers are not account counterparts)
                 value = event.entities.get(link, "")
                 if value and link != ACCOUNT:
-                    _note_fraud_account(self.record(link, value), account, label.known_at)
+                    self.record(link, value).note_fraud_account(account, label.known_at)
         return True
 
     def trim(self, now: float) -> None:
@@ -346,22 +565,9 @@ class EntityBook:
         """Features of each event as of its time, folding each in before the next: ``[len(events), n_features]``."""
         out = np.empty((len(events), len(self.names)))
         for i, event in enumerate(events):
-            out[i] = self.features(event)
+            self._features(event, out[i])
             self.fold_event(event)
         return out
-
-
-def _note_fraud_account(rec: EntityRecord, account: str, known_at: float) -> None:
-    if known_at < rec.fraud_accounts.get(account, math.inf):
-        rec.fraud_accounts[account] = known_at
-
-
-def _fraud_accounts(rec: EntityRecord, t: float, own_account: str) -> float:
-    return float(sum(1 for acct, at in rec.fraud_accounts.items() if at <= t and acct != own_account))
-
-
-def _nansum(values: Iterable[float]) -> float:
-    return float(sum(v for v in values if not math.isnan(v)))
 
 
 class EntityState(ABC):
@@ -462,7 +668,8 @@ class EmbeddedEntityState(EntityState):
     def step(self, events: Sequence[StateEvent]) -> np.ndarray:
         with self._lock:
             new = [e for e in events if e.event_id not in self._book.events]
-            self._append([("event", e.to_json()) for e in _unique(new)])
+            if self._log is not None:
+                self._append([("event", e.to_json()) for e in _unique(new)])
             features = self._book.step(events)
             self._newest = max([self._newest, *(e.time for e in events)])
             self._since_trim += len(new)
@@ -475,7 +682,8 @@ class EmbeddedEntityState(EntityState):
         with self._lock:
             known = [label for label in labels
                      if label.event_id in self._book.events and label.event_id not in self._book.labelled]
-            self._append([("label", json.dumps([x.event_id, x.fraud, x.known_at])) for x in known])
+            if self._log is not None:
+                self._append([("label", json.dumps([x.event_id, x.fraud, x.known_at])) for x in known])
             return sum(self._book.fold_label(label) for label in known)
 
     def features_of(self, event: StateEvent) -> np.ndarray:

@@ -252,24 +252,23 @@ class RedisEntityState(EntityState):
         seen, fraud_accounts, fraud, legit = hashes[0], hashes[-3], hashes[-2], hashes[-1]
         if not seen:
             return None
-        rec = EntityRecord(first_seen=float(seen["first"]), last_seen=float(seen["last"]))
-        rec.counterparts = {m: {k: float(v) for k, v in found.items()}
-                            for m, found in zip(self.layout.counterparts(entity[0]), hashes[1:-3], strict=True)
-                            if found}
-        rec.fraud_accounts = {k: float(v) for k, v in fraud_accounts.items()}
-        rec.fraud_known = sorted(map(float, fraud.values()))
-        rec.legit_known = sorted(map(float, legit.values()))
+        rec = EntityRecord(
+            first_seen=float(seen["first"]), last_seen=float(seen["last"]),
+            counterparts={m: {k: float(v) for k, v in found.items()}
+                          for m, found in zip(self.layout.counterparts(entity[0]), hashes[1:-3], strict=True)
+                          if found},
+            fraud_accounts={k: float(v) for k, v in fraud_accounts.items()},
+            fraud_known=sorted(map(float, fraud.values())), legit_known=sorted(map(float, legit.values())),
+        )
         if since is not None and (parts[-1] or parts[-2]):  # ascending time, ties in fold order (tie index first)
             members = np.frombuffer(parts[-1] + parts[-2], dtype=self._member)
-            rec.times = members["time"].tolist()
-            rec.rows = list(map(tuple, members["values"].tolist()))
+            rec.load_history(members["time"].tolist(), members["values"])
         missing = (math.nan,) * len(self.layout.aggregated)
         previous = float(seen["prev"]) if "prev" in seen else math.nan
         for instant in (rec.last_seen, previous):
             at = bisect.bisect_left(rec.times, instant)
             if since is not None and instant < since and (at == len(rec.times) or rec.times[at] != instant):
-                rec.times.insert(at, instant)  # (NaN < since is False)
-                rec.rows.insert(at, missing)
+                rec.insert_history(instant, missing)  # no event at that instant: it goes at `at` (NaN < since is False)
         return rec
 
     # ---- step -------------------------------------------------------------------------------------------------
@@ -320,7 +319,7 @@ class RedisEntityState(EntityState):
                 at = bisect.bisect_right(rec.times, event.time) - 1
                 time = rec.times[at]
                 tie = at - bisect.bisect_left(rec.times, time)
-                member = _TIE.pack(tie) + self._row.pack(time, *rec.rows[at]) + _id_digest(event.event_id)
+                member = _TIE.pack(tie) + self._row.pack(time, *rec.row(at)) + _id_digest(event.event_id)
                 writes.zadd(self._key("h", entity), time, member)
                 writes.seen(self._key("e", entity), time)  # first and last seen are the extremes of the times added
                 touched.add(entity)

@@ -17,6 +17,7 @@ from riskcascade.config import StateSettings
 from riskcascade.entity_state import (
     EmbeddedEntityState,
     EntityBook,
+    EntityRecord,
     EntityState,
     LabelEvent,
     StateEvent,
@@ -505,3 +506,106 @@ def test_backends_agree_on_resent_events_and_labels(request, tmp_path, redis_url
         assert np.array_equal(bits(probed), bits(results[0][2]))
         assert (relabelled, count) == (results[0][1], results[0][3]) == (0, 1300)  # labelled once already
 
+
+# ---- the history arrays ------------------------------------------------------------------------------------------
+
+
+def defined_window_features(history: list[tuple[float, tuple[float, ...]]], t: float,
+                            layout: StateLayout = LAYOUT) -> dict[str, float]:
+    """An account's window features straight from their definitions, over ``(time, values)`` in history order
+    (time order, ties in fold order): sums add the values present in that order from 0.0, a mean divides by their
+    count, a max is the first largest."""
+    from riskcascade.entity_state import SUM_WINDOWS, window_label
+
+    labels = [window_label(w) for w in layout.windows_s]
+    out: dict[str, float] = {}
+    for k, (w, label) in enumerate(zip(layout.windows_s, labels, strict=True)):
+        window = [values for time, values in history if t - w <= time < t]
+        out[f"account_id.n_{label}"] = float(len(window))
+        for j, name in enumerate(layout.aggregated):
+            present = [values[j] for values in window if not math.isnan(values[j])]
+            total = 0.0
+            for v in present:
+                total += v
+            if k < SUM_WINDOWS:
+                out[f"account_id.sum_{label}.{name}"] = total
+            if k == len(labels) - 1:
+                top = present[0] if present else math.nan
+                for v in present[1:]:
+                    top = v if v > top else top
+                out[f"account_id.mean_{label}.{name}"] = total / len(present) if present else math.nan
+                out[f"account_id.max_{label}.{name}"] = top
+    return out
+
+
+def late_sequence(seed: int, n: int = 300) -> list[StateEvent]:
+    """Events of one account over two days in folding order: many at one instant, a fifth of them late (folded after
+    later ones), the first late one into a full history array; values with NaN, both zeros, negatives and repeats
+    (amounts whose sums depend on the order; clicks never positive, so that their max is often a zero of either
+    sign)."""
+    rng = np.random.default_rng(seed)
+    times = np.sort(np.round(rng.uniform(0, 2 * DAY, n) / 600) * 600)
+    amounts = [0.0, -0.0, 1.0, -2.5, 0.1, 0.2, 0.3, 1e16, -1e16, math.nan]
+    clicks = [0.0, -0.0, -0.0, -2.5, -1e16, math.nan]
+    events = [ev(f"s{i}", T + float(t), account="a", amount=float(rng.choice(amounts)),
+                 clicks=float(rng.choice(clicks))) for i, t in enumerate(times)]
+    order = list(range(5, n))
+    for i in [i for i in order if rng.random() < 0.2]:  # each folded up to 40 events later
+        at = order.index(i)
+        order.insert(min(len(order), at + int(rng.integers(1, 40))), order.pop(at))
+    return [*events[1:5], events[0], *(events[i] for i in order)]  # events[0]: before all, into a full array of 4
+
+
+def test_history_arrays_grow_and_take_late_events_with_the_defined_features():
+    events = late_sequence(51)
+    folded = EntityBook(LAYOUT)  # late events inserted, the array doubling past its capacity
+    for e in events:
+        folded.fold_event(e)
+    in_order = sorted(range(len(events)), key=lambda i: events[i].time)  # stable: ties keep their folding order
+    appended = EntityBook(LAYOUT)  # the same history, every event appended
+    for i in in_order:
+        appended.fold_event(events[i])
+    loaded = EntityBook(LAYOUT)  # as the Redis backend loads a record: one array, then more events added
+    rec = appended.records[("account_id", "a")]
+    copy = loaded.records[("account_id", "a")] = EntityRecord(first_seen=rec.first_seen, last_seen=rec.last_seen)
+    copy.load_history(rec.times[:150], np.array([rec.row(i) for i in range(150)]))
+    for i in in_order[150:]:
+        copy.add_event(events[i].time, events[i].values)
+
+    record = folded.records[("account_id", "a")]
+    assert record.history is not None and record.history.shape[0] >= len(events) > 64
+    assert record.times == sorted(record.times) == [events[i].time for i in in_order]
+    assert np.array_equal(record.history[:len(events), 0], record.times)
+    expected_rows = [events[i].values for i in in_order]
+    assert np.array_equal(bits(np.array([record.row(i) for i in range(len(events))])), bits(np.array(expected_rows)))
+    history = [(events[i].time, events[i].values) for i in in_order]
+    probes = [ev(f"p{k}", T + k * 1800.0, account="a") for k in range(-1, 100)]  # on event instants, and past them
+    for book in (folded, appended, loaded):
+        got = np.vstack([book.features(p) for p in probes])
+        assert np.array_equal(bits(got), bits(np.vstack([folded.features(p) for p in probes])))
+    checked = 0
+    for probe in probes:
+        x = folded.features(probe)
+        for name, value in defined_window_features(history, probe.time).items():
+            assert bits(np.array([x[col(name)]])) == bits(np.array([value])), (name, probe.time)
+            checked += 1
+    assert checked > 1000
+
+
+def test_a_trimmed_history_array_shrinks_and_takes_more_events():
+    events = busy_sequence(25)
+    full, trimmed = EntityBook(SHORT), EntityBook(SHORT)
+    capacities = []  # of one busy record's array, before and after each trim
+    expected, got = [], []
+    for start in range(0, len(events), 30):
+        batch = events[start:start + 30]
+        batch = batch[1:] + batch[:1]  # the first one late, within the window
+        expected.append(full.step(batch))
+        got.append(trimmed.step(batch))
+        if start % 300 == 270:  # every 10 batches: hours of history go at once
+            record = trimmed.records[("ip", "i0")]
+            before = record.history.shape[0]
+            trimmed.trim(batch[-1].time)
+            capacities.append((before, record.history.shape[0], len(record.times)))
+    assert np.array_equal(bits(np.vstack(got)), bits(np.vstack(expected)))
+    assert all(after < before and n < after for before, after, n in capacities)  # it gave memory back, and kept room

@@ -1,0 +1,67 @@
+"""A throwaway ``redis-server`` for benchmarks: a free loopback port, a temporary folder, no persistence.
+
+(The test suite has its own, with pytest fixtures, in ``tests/redis_server.py``; loadtest imports nothing of tests.)
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+def redis_server_binary() -> str | None:
+    """The path of ``redis-server``, or None when it is not installed."""
+    return shutil.which("redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextmanager
+def running_redis(binary: str) -> Iterator[str]:
+    """Start ``binary`` on a free port; yields its URL, stops it and removes its folder on exit."""
+    with tempfile.TemporaryDirectory(prefix="rc-bench-redis-") as folder:
+        port = _free_port()
+        log = Path(folder) / "redis.log"
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--dir", folder, "--logfile", str(log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not _answers_ping(port):
+                if process.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {process.returncode}: {log.read_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server did not answer PING on port {port} in {START_TIMEOUT_S:.0f} s")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(STOP_TIMEOUT_S)
