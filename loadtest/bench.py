@@ -56,13 +56,16 @@ def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:
     from google.protobuf import json_format
 
     from loadtest.events import decide_request
-    from riskcascade.domain import ScoreRequest
+    from riskcascade.evaluate_cascade import time_true_inputs
     from riskcascade.synthetic import read_events_csv
     from services.scorer.fast_model import FastModel
 
-    events = read_events_csv(settings.data.dir / "test.csv")[:EVENTS_USED]
+    parts = {name: read_events_csv(settings.data.dir / f"{name}.csv") for name in ("train", "valid", "test")}
+    events = parts["test"][:EVENTS_USED]
     model = FastModel(settings.model.dir, reason_count=0)
-    scores = np.array([s.score for s in model.score_batch([ScoreRequest.of(e.case_id, e.event_type, e.entities, e.features) for e in events])])
+    # the scores the platform gives these events at their own time: time-true features by replay
+    x = model.model_input(time_true_inputs(settings.model.dir, parts, "test")[:EVENTS_USED])
+    scores = np.array([s.score for s in model.score_matrix(x)])
     low, high = model.info.band_low, model.info.band_high
     clear = (scores < low) | (scores >= high)
     mixed_path, clear_path = workdir / "events-mixed.jsonl", workdir / "events-clear.jsonl"

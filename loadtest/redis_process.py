@@ -1,6 +1,7 @@
-"""A throwaway ``redis-server`` for benchmarks: a free loopback port, a temporary folder, no persistence.
+"""A throwaway ``redis-server``: a free loopback port, a temporary folder, no persistence.
 
-(The test suite has its own, with pytest fixtures, in ``tests/redis_server.py``; loadtest imports nothing of tests.)
+Benchmarks use it directly; the test suite wraps it in pytest fixtures (``tests/redis_server.py``), since loadtest
+imports nothing of tests.
 """
 
 from __future__ import annotations
@@ -39,29 +40,46 @@ def _answers_ping(port: int) -> bool:
 
 
 @contextmanager
-def running_redis(binary: str) -> Iterator[str]:
-    """Start ``binary`` on a free port; yields its URL, stops it and removes its folder on exit."""
-    with tempfile.TemporaryDirectory(prefix="rc-bench-redis-") as folder:
-        port = _free_port()
+def running_redis(binary: str, attempts: int = 3) -> Iterator[str]:
+    """A fresh ``redis-server`` (``binary``) on a free loopback port; yields its URL and stops it (its folder is
+    removed) on exit. A port taken between choosing and binding it is retried on another one."""
+    with tempfile.TemporaryDirectory(prefix="rc-redis-") as folder:
         log = Path(folder) / "redis.log"
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--dir", folder, "--logfile", str(log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not _answers_ping(port):
-                if process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {process.returncode}: {log.read_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server did not answer PING on port {port} in {START_TIMEOUT_S:.0f} s")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            process.terminate()
+        for attempt in range(attempts):
+            port = _free_port()
+            process = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--daemonize", "no", "--dir", folder, "--logfile", str(log)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            )
             try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT_S)
+                if _wait_until_it_answers(process, port, log, last=attempt == attempts - 1):
+                    yield f"redis://127.0.0.1:{port}/0"
+                    return
+            finally:
+                _stop(process)
+
+
+def _wait_until_it_answers(process: subprocess.Popen, port: int, log: Path, last: bool) -> bool:
+    """True once PING answers; False if the server exited (and another attempt is left)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _answers_ping(port):
+        if process.poll() is not None:
+            if not last:
+                return False
+            raise RuntimeError(f"redis-server exited with {process.returncode}: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"redis-server did not answer PING on port {port} in {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
+    return True
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(STOP_TIMEOUT_S)

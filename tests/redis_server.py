@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
+from loadtest.redis_process import running_redis as start_redis
+
 MISSING = "redis-server is not installed: `make redis` (apt-get install -y redis-server)"
 
 
@@ -34,66 +29,11 @@ def redis_server_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @contextmanager
-def running_redis(binary: str | None = None, attempts: int = 3) -> Iterator[str]:
-    """A fresh ``redis-server``; yields its URL and stops it (its folder is removed) on exit. A port taken between
-    choosing and binding it is retried on another one."""
-    binary = binary or redis_server_binary()
-    with tempfile.TemporaryDirectory(prefix="rc-redis-") as folder:
-        log = Path(folder) / "redis.log"
-        for attempt in range(attempts):
-            port = _free_port()
-            process = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--daemonize", "no", "--dir", folder, "--logfile", str(log)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            )
-            try:
-                if _wait_until_it_answers(process, port, log, last=attempt == attempts - 1):
-                    yield f"redis://127.0.0.1:{port}/0"
-                    return
-            finally:
-                _stop(process)
-
-
-def _wait_until_it_answers(process: subprocess.Popen, port: int, log: Path, last: bool) -> bool:
-    """True once PING answers; False if the server exited (and another attempt is left)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _answers_ping(port):
-        if process.poll() is not None:
-            if not last:
-                return False
-            raise RuntimeError(f"redis-server exited with {process.returncode}: {log.read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"redis-server did not answer PING on port {port} in {START_TIMEOUT_S:.0f} s")
-        time.sleep(0.05)
-    return True
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(STOP_TIMEOUT_S)
+def running_redis(binary: str | None = None) -> Iterator[str]:
+    """A fresh ``redis-server`` (``loadtest.redis_process``); skips without one, as ``redis_server_binary``."""
+    with start_redis(binary or redis_server_binary()) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

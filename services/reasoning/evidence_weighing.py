@@ -16,9 +16,9 @@ and the kinds move p in log-odds, each by its trust β_k (``history_weight``, ``
 Confidence is Σ_k β_k · W_k / (W_k + prior_weight) (W_k the kind's total weight), capped at 1, scaled by
 n_used / min_cases when fewer than ``min_cases`` cases counted. The action is BLOCK at or above ``block_at``,
 APPROVE below ``approve_at``, REVIEW between. The risk type is the one with the most fraud weight.
-The trusts come from measurement (README, `riskcascade eval --cascade --split valid`): on escalated cases the
-account's own history is what adds to the fast score; neighbours, behaviour and narrative add little to a
-model that already sees the features and the graph aggregates. Nothing is canned or random.
+The trusts were set on the validation split when retrieval had no time bound and the fast model no outcome
+features; with time-bound retrieval and outcome features in the fast model no setting lifts the cascade above the
+fast model on validation (reports/cascade-valid/README.md), so they stay as they were. Nothing is canned or random.
 """
 
 from __future__ import annotations
