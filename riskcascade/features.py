@@ -11,8 +11,10 @@ The entity features come in one of two protocols, chosen by the data:
   (``riskcascade.state_replay``) and served from the live state, so each event sees only what happened before it;
 - **transductive** (a static graph, no time column): neighbour aggregates over every row of the data set
   (``riskcascade.graph_features``), served from the frozen training rows. Such a model's quality is measured on a
-  graph that includes the test rows; the report says so. A categorical feature becomes one 0/1 column per value of its vocabulary (from the training
-split, sorted, so columns are stable): a value training never saw is all zeros, a missing one all NaN. One-hot
+  graph that includes the test rows; the report says so.
+
+A categorical feature becomes one 0/1 column per value of its vocabulary (from the training split, sorted, so
+columns are stable): a value training never saw is all zeros, a missing one all NaN. One-hot
 rather than LightGBM's categorical splits because the fast exact TreeSHAP of the reason codes
 (``services/scorer/explain.py``) covers numerical splits only.
 """
@@ -26,6 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from riskcascade.config import StateSettings
 from riskcascade.datasets.format import Dataset
 from riskcascade.entity_state import StateLayout, describe_state_feature
 from riskcascade.graph_features import GraphHistory, build_graph_features, describe_graph_feature
@@ -66,22 +69,23 @@ class FeatureLayout:
     @classmethod
     def fit(
         cls, dataset: Dataset, train_rows: np.ndarray, graph_features: bool = True,
-        windows_s: tuple[int, ...] = (3600, 86400, 604800, 2592000), retention_s: int = 2592000,
+        state_settings: StateSettings | None = None,
     ) -> tuple["FeatureLayout", np.ndarray]:
         """The layout and the float64 matrix of every row of ``dataset``; without ``graph_features`` the links and
-        edges are ignored. With a time column the entity features are the state's, by replay (time-true); without
-        one, neighbour aggregates over all rows (transductive)."""
+        edges are ignored. With a time column the entity features are the state's (windows from
+        ``state_settings``), by replay (time-true); without one, neighbour aggregates over all rows (transductive)."""
         spec = dataset.spec
         links = dict(dataset.links) if graph_features else {}
         edges = dataset.edges if graph_features else None
-        times = getattr(dataset, "times", None)
+        state_settings = state_settings or StateSettings()
         vocabularies = {
             name: sorted({v for v in values[train_rows] if v}) for name, values in dataset.categorical.items()
         }
         aggregated_idx = [spec.numeric_features.index(a) for a in spec.aggregated]
         state = None
-        if links and times is not None and edges is None:
-            state = StateLayout(tuple(links), tuple(spec.aggregated), tuple(windows_s), retention_s)
+        if links and dataset.times is not None and edges is None:
+            state = StateLayout(tuple(links), tuple(spec.aggregated), tuple(state_settings.windows_s),
+                                state_settings.retention_s)
             graph_names = state.names
             graph_values = replay_features(state, timeline_of(dataset))
             history = None
@@ -169,15 +173,11 @@ class FeatureLayout:
 
 def timeline_of(dataset: Dataset) -> Timeline:
     """The data set's events and label arrivals (it must have a time column)."""
-    times = getattr(dataset, "times", None)
-    if times is None:
+    if dataset.times is None or dataset.label_times is None:
         raise ValueError(f"data set {dataset.spec.name} has no time column")
     spec = dataset.spec
-    label_times = getattr(dataset, "label_times", None)
-    if label_times is None:
-        label_times = np.asarray(times, dtype=np.float64).copy()
     aggregated_idx = [spec.numeric_features.index(a) for a in spec.aggregated]
     return Timeline(
-        ids=dataset.ids, times=np.asarray(times, dtype=np.float64), entities=dataset.links,
-        values=dataset.numeric[:, aggregated_idx], labels=dataset.labels, label_times=label_times,
+        ids=dataset.ids, times=dataset.times, entities=dataset.links, values=dataset.numeric[:, aggregated_idx],
+        labels=dataset.labels, label_times=dataset.label_times,
     )

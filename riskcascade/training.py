@@ -230,7 +230,7 @@ def label_cutoffs(dataset: Dataset, split: np.ndarray) -> dict[str, float]:
     """On a time-ordered split with label times: when the fitting parts' labels must have arrived by, for a model
     fitted (and calibrated, band included) when the test period starts. {} for a split that is not ordered by time
     (a stratified split mixes periods) or data without label times."""
-    times, label_times = getattr(dataset, "times", None), getattr(dataset, "label_times", None)
+    times, label_times = dataset.times, dataset.label_times
     if times is None or label_times is None:
         return {}
     parts = {name: times[split == name] for name in SPLIT_NAMES}
@@ -289,8 +289,7 @@ def fit_fast_model(
 
         clock.start("features")
         layout, matrix = FeatureLayout.fit(
-            dataset, rows["train"], graph_features=config.graph_features, windows_s=state.windows_s,
-            retention_s=state.retention_s,
+            dataset, rows["train"], graph_features=config.graph_features, state_settings=state
         )
         x_all = matrix.astype(np.float32)
         names = list(layout.names)
