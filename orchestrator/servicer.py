@@ -33,13 +33,6 @@ from riskcascade.config import ServerSettings
 from riskcascade.domain import Outcome
 
 
-class _AnyFeature:
-    """Every name is a known feature: a recorded event was validated against the model that decided it."""
-
-    def __contains__(self, name: object) -> bool:
-        return True
-
-
 def fingerprint(message) -> str:
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
@@ -138,10 +131,9 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         decided = await asyncio.to_thread(self._store.get_decision, feedback.request_id)
         if decided is None or not decided.event:
             return  # decided by a version that did not record events: stored, nothing to fold
-        event = to_risk_event(
-            pb.DecideRequest(request_id=decided.request_id, event=pb.Event.FromString(decided.event)),
-            _AnyFeature(),
-        )
+        recorded = pb.Event.FromString(decided.event)
+        # validated when it was decided, against the model that decided it: its own feature names are known
+        event = to_risk_event(pb.DecideRequest(request_id=decided.request_id, event=recorded), set(recorded.features))
         try:
             await self._feedback.apply(event, Outcome(feedback.outcome), feedback.risk_type,
                                        datetime.fromisoformat(feedback.recorded_at))

@@ -222,9 +222,8 @@ def _index(settings: Settings, progress: bool, parts: tuple[str, ...] = INDEX_PA
 
 def _cases_to_index(settings: Settings):  # noqa: ANN202 - (cases, BehaviourEncoder); imports stay lazy
     from retrieval.case_memory import BehaviourEncoder
-    from riskcascade.datasets import SPLIT_FILES
     from riskcascade.model_card import load_model_card
-    from riskcascade.synthetic import read_events_csv, to_adjudicated_case
+    from riskcascade.synthetic import to_adjudicated_case
 
     try:
         card = load_model_card(settings.model.dir)
@@ -232,15 +231,7 @@ def _cases_to_index(settings: Settings):  # noqa: ANN202 - (cases, BehaviourEnco
         raise click.ClickException(str(exc)) from None
     # Every split: each case carries the time its label arrived, and retrieval for an event only sees cases whose
     # label was known by then, so a later case in the index is the feedback that production would have received.
-    cases = []
-    for split in SPLIT_FILES.values():
-        source = settings.data.dir / split
-        if not source.exists():
-            raise click.ClickException(f"no data at {source}: run `riskcascade train` first")
-        try:
-            cases += [to_adjudicated_case(e) for e in read_events_csv(source)]
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+    cases = [to_adjudicated_case(e) for part in _data_events(settings).values() for e in part]
     return cases, BehaviourEncoder.from_model_card(card)
 
 
@@ -269,16 +260,12 @@ def _seed_state(settings: Settings, progress: bool) -> None:
 
 
 def _data_events(settings: Settings):  # noqa: ANN202 - {split: list[LabelledEvent]}
-    from riskcascade.datasets import SPLIT_FILES
-    from riskcascade.synthetic import read_events_csv
+    from riskcascade.datasets import read_split_events
 
-    parts = {}
-    for split, file in SPLIT_FILES.items():
-        source = settings.data.dir / file
-        if not source.exists():
-            raise click.ClickException(f"no data at {source}: run `riskcascade train` first")
-        parts[split] = read_events_csv(source)
-    return parts
+    try:
+        return read_split_events(settings.data.dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _manifest_path(settings: Settings) -> Path:

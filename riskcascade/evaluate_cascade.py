@@ -32,10 +32,10 @@ from tqdm import tqdm
 from orchestrator.merge import MergeRules, merge
 from orchestrator.policy import EscalationPolicy, Route, escalation_policy
 from riskcascade.config import Settings
-from riskcascade.datasets import SPLIT_FILES
+from riskcascade.datasets import read_split_events
 from riskcascade.domain import Action, ReasoningRequest
 from riskcascade.model_card import load_model_card
-from riskcascade.synthetic import read_events_csv, to_risk_event
+from riskcascade.synthetic import to_risk_event
 
 SCORING_BATCH = 256
 
@@ -58,7 +58,7 @@ def run_cascade_evaluation(
     from services.reasoning.service import open_reasoning_service
     from services.scorer.fast_model import FastModel
 
-    parts = {name: read_events_csv(settings.data.dir / file) for name, file in SPLIT_FILES.items()}
+    parts = read_split_events(settings.data.dir)
     events = parts[split]
     card = load_model_card(settings.model.dir)
     band = escalation_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high)

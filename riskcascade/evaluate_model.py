@@ -20,7 +20,7 @@ from typing import Any
 
 from riskcascade.config import Settings, TrainingSettings
 from riskcascade.datasets.format import Dataset
-from riskcascade.datasets.splits import SplitChoice, choose_split
+from riskcascade.datasets.splits import SplitChoice, choose_split, is_time_ordered
 from riskcascade.evaluation import format_report, plot_calibration, plot_score_histogram, split_names, summarise
 from riskcascade.features import TIME_TRUE, TRANSDUCTIVE
 from riskcascade.training import fit_fast_model
@@ -89,7 +89,7 @@ def describe_protocol(dataset: Dataset, choices: list[SplitChoice], features: st
     if protocol == "fixed":
         names = ", ".join(c.name for c in choices)
         split = f"fixed split column{'s' if len(choices) > 1 else ''} {names}"
-        if all(_time_ordered(dataset, c.split) for c in choices):
+        if all(is_time_ordered(dataset, c.split) for c in choices):
             split += f" (time-ordered by {dataset.spec.time_column}: train, then valid, then test)"
     elif protocol == "time":
         split = f"time-ordered {choices[0].name.removeprefix('time ')} split by {dataset.spec.time_column}"
@@ -175,12 +175,3 @@ def _assumed_features(dataset: Dataset) -> str:
     """How training builds features when it does not say: by replay over timed data, transductively otherwise."""
     return FEATURES_BY_REPLAY if dataset.times is not None else FEATURES_TRANSDUCTIVE
 
-
-def _time_ordered(dataset: Dataset, split: Any) -> bool:
-    """True when ``split`` puts every train row before every valid row before every test row."""
-    if dataset.times is None:
-        return False
-    parts = [dataset.times[split == name] for name in ("train", "valid", "test")]
-    if any(len(p) == 0 for p in parts):
-        return False
-    return bool(parts[0].max() <= parts[1].min() and parts[1].max() <= parts[2].min())

@@ -52,7 +52,7 @@ from riskcascade.anomaly import (  # noqa: E402
 from riskcascade.calibration import PlattCalibrator  # noqa: E402
 from riskcascade.config import Settings, StateSettings, TrainingSettings  # noqa: E402
 from riskcascade.datasets.format import SPLIT_NAMES, Dataset  # noqa: E402
-from riskcascade.datasets.splits import choose_split  # noqa: E402
+from riskcascade.datasets.splits import choose_split, is_time_ordered  # noqa: E402
 from riskcascade.evaluation import split_metrics  # noqa: E402
 from riskcascade.features import FeatureLayout  # noqa: E402
 from riskcascade.model_card import (  # noqa: E402
@@ -230,15 +230,9 @@ def label_cutoffs(dataset: Dataset, split: np.ndarray) -> dict[str, float]:
     """On a time-ordered split with label times: when the fitting parts' labels must have arrived by, for a model
     fitted (and calibrated, band included) when the test period starts. {} for a split that is not ordered by time
     (a stratified split mixes periods) or data without label times."""
-    times, label_times = dataset.times, dataset.label_times
-    if times is None or label_times is None:
+    if dataset.label_times is None or not is_time_ordered(dataset, split):
         return {}
-    parts = {name: times[split == name] for name in SPLIT_NAMES}
-    if any(len(p) == 0 for p in parts.values()):
-        return {}
-    if parts["train"].max() > parts["valid"].min() or parts["valid"].max() > parts["test"].min():
-        return {}
-    start = float(parts["test"].min())
+    start = float(dataset.times[split == "test"].min())
     return {"train": start, "valid": start}
 
 

@@ -20,7 +20,7 @@ from riskcascade.anomaly import ANOMALY_FEATURE, ANOMALY_FILE  # noqa: E402
 from riskcascade.calibration import PlattCalibrator, logit, sigmoid  # noqa: E402
 from riskcascade.cli import main  # noqa: E402
 from riskcascade.config import load_settings  # noqa: E402
-from riskcascade.datasets import SPLIT_FILES, open_dataset  # noqa: E402
+from riskcascade.datasets import SPLIT_FILES, open_dataset, read_split_events  # noqa: E402
 from riskcascade.datasets.format import Dataset, DatasetSpec, dataset_from_frame, write_dataset  # noqa: E402
 from riskcascade.datasets.synthetic_source import synthetic_dataset  # noqa: E402
 from riskcascade.domain import ScoreRequest  # noqa: E402
@@ -60,7 +60,7 @@ def trained(tmp_path_factory):
 
 
 def _parts(settings):
-    return {name: read_events_csv(settings.data.dir / file) for name, file in SPLIT_FILES.items()}
+    return read_split_events(settings.data.dir)
 
 
 def _valid_matrix(settings, rows=200):

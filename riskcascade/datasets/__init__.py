@@ -40,3 +40,18 @@ def open_dataset(name: str, settings: Settings, write_synthetic_csv: bool = Fals
             f"unknown data set {name!r}: use {' or '.join(BUILT_IN)}, or the path of a dataset.yaml descriptor"
         )
     return load_dataset(path), {"source": str(path.resolve())}
+
+
+def read_split_events(data_dir: Path) -> dict[str, Any]:
+    """The synthetic generator's train/valid/test CSV files in ``data_dir`` as {split: [LabelledEvent]}.
+
+    FileNotFoundError names a missing file; ValueError (from ``read_events_csv``) a bad cell."""
+    from riskcascade.synthetic import read_events_csv
+
+    parts = {}
+    for split, file in SPLIT_FILES.items():
+        source = Path(data_dir) / file
+        if not source.exists():
+            raise FileNotFoundError(f"no data at {source}: run `riskcascade train` first")
+        parts[split] = read_events_csv(source)
+    return parts

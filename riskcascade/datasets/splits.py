@@ -106,3 +106,14 @@ def _shares(valid_share: float, test_share: float) -> str:
     """The train / valid / test shares in percent, e.g. 70/15/15."""
     percent = [100 * (1 - valid_share - test_share), 100 * valid_share, 100 * test_share]
     return "/".join(f"{p:.0f}" if abs(p - round(p)) < 1e-9 else f"{p:g}" for p in percent)
+
+
+def is_time_ordered(dataset: Dataset, split: np.ndarray) -> bool:
+    """True when ``split`` puts every train row no later than every valid row, and those no later than every test
+    row (a time split, or a fixed split column made by time); False without times or with an empty part."""
+    if dataset.times is None:
+        return False
+    parts = [dataset.times[split == name] for name in SPLIT_NAMES]
+    if any(len(p) == 0 for p in parts):
+        return False
+    return bool(parts[0].max() <= parts[1].min() and parts[1].max() <= parts[2].min())
