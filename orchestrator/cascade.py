@@ -1,21 +1,33 @@
 """The cascade: fast model, escalation policy, reasoner, merge. Async orchestration with no Ray or gRPC import.
 
 Stages are reached through the small FastStage / ReasoningStage protocols (orchestrator/stages.py adapts Ray
-Serve handles to them). Every stage call is bounded by the caller's remaining deadline, less a reserve for
-merging and persisting, and a stage that fails or runs out of time becomes an explicit degraded decision.
+Serve handles to them). The fast model is asked first and always gets its time: the caller's remaining deadline
+less a reserve for merging and persisting, but never less than the event type's minimum (``fast_model_min_ms``)
+and never more than ``scorer_timeout_ms``. An answer that comes after the caller's deadline is still a real
+decision: it is stored, and the caller's retry gets it. The reasoner gets what is left less the reserve. Each
+stage sits behind a circuit breaker: once a stage has failed ``breaker_failures`` times in a row, calls to it
+fail at once (no waiting out a dead replica) until a probe gets through. A stage that fails, runs out of time or
+has its circuit open becomes an explicit degraded decision (the failure policy of the event type).
+
+Escalations are bounded twice: ``max_in_flight`` across all callers, and ``max_per_call`` for one call (a
+DecideBatch shares one CallBudget among its items), so one large batch cannot take the reasoner from everyone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
 
+from orchestrator.breaker import CircuitBreaker
 from orchestrator.merge import MergedVerdict, MergeRules, fast_model_failed, merge
 from orchestrator.policy import EscalationPolicy, Route
 from riskcascade.domain import (
     Decision,
+    EventType,
     FastScore,
     ReasonerVerdict,
     ReasoningRequest,
@@ -30,12 +42,35 @@ class StageError(Exception):
     """A stage failed or ran out of time; the message says which and why."""
 
 
+class NoTimeLeft(StageError):
+    """The caller's deadline left no time to call the stage (says nothing about the stage's health)."""
+
+
 class FastStage(Protocol):
     async def score(self, request: ScoreRequest, timeout_s: float) -> FastScore: ...
 
 
 class ReasoningStage(Protocol):
     async def reason(self, request: ReasoningRequest, timeout_s: float) -> ReasonerVerdict: ...
+
+
+@dataclass(frozen=True)
+class StageLimits:
+    """Time limits of the stages (from ResilienceSettings), in seconds."""
+
+    fast_model_min_s: Mapping[EventType, float]
+    scorer_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings) -> "StageLimits":  # noqa: ANN001 - riskcascade.config.ResilienceSettings
+        return cls({k: v / 1000.0 for k, v in settings.fast_model_min_ms.items()}, settings.scorer_timeout_ms / 1000.0)
+
+
+class CallBudget:
+    """Escalations one call may still start (a DecideBatch shares one among its items)."""
+
+    def __init__(self, escalations: int):
+        self.escalations_left = escalations
 
 
 @dataclass(frozen=True)
@@ -54,6 +89,10 @@ class Cascade:
         rules: MergeRules,
         versions: CascadeVersions,
         reserve_ms: float,
+        limits: StageLimits,
+        scorer_breaker: CircuitBreaker,
+        reasoner_breaker: CircuitBreaker,
+        max_escalations_per_call: int,
     ):
         self._scorer = scorer
         self._reasoner = reasoner
@@ -61,20 +100,26 @@ class Cascade:
         self._rules = rules
         self._versions = versions
         self._reserve_s = reserve_ms / 1000.0
+        self._limits = limits
+        self.scorer_breaker = scorer_breaker
+        self.reasoner_breaker = reasoner_breaker
+        self.max_escalations_per_call = max_escalations_per_call
         self.escalations_in_flight = 0
 
-    async def decide(self, event: RiskEvent, deadline: float) -> Decision:
-        """Decide ``event``; ``deadline`` is the caller's deadline on the time.monotonic() clock."""
+    async def decide(self, event: RiskEvent, deadline: float, call: CallBudget | None = None) -> Decision:
+        """Decide ``event``; ``deadline`` is the caller's deadline on the time.monotonic() clock; ``call`` is the
+        escalation budget of the call it belongs to (a new one per event when None)."""
         started = time.monotonic()
+        call = call if call is not None else CallBudget(self.max_escalations_per_call)
         timings: list[StageTiming] = []
         missing = tuple(name for name in self._versions.feature_names if name not in event.features)
         fast: FastScore | None = None
         t = time.monotonic()
         try:
-            fast = await self._scorer.score(
-                ScoreRequest.of(event.request_id, event.event_type, event.entities, event.features,
-                                occurred_at=event.occurred_at),
-                self._budget_s(deadline),
+            request = ScoreRequest.of(event.request_id, event.event_type, event.entities, event.features,
+                                      occurred_at=event.occurred_at)
+            fast = await self._guarded(
+                self.scorer_breaker, "fast model", self._scorer.score, request, self._fast_budget_s(event, deadline)
             )
         except StageError as exc:
             merged = fast_model_failed(self._rules, event.event_type, str(exc))
@@ -82,8 +127,11 @@ class Cascade:
 
         if fast is not None:
             routing = self._policy.route(
-                fast.score, (deadline - time.monotonic()) * 1000.0, self.escalations_in_flight
+                fast.score, (deadline - time.monotonic()) * 1000.0, self.escalations_in_flight,
+                call.escalations_left,
             )
+            if routing.route is Route.ESCALATE:
+                call.escalations_left -= 1
             verdict, error = None, ""
             if routing.route is Route.ESCALATE:
                 verdict, error = await self._escalate(event, fast, deadline, timings)
@@ -102,8 +150,9 @@ class Cascade:
         t = time.monotonic()
         try:
             budget_s = self._budget_s(deadline)
-            verdict = await self._reasoner.reason(
-                ReasoningRequest(event=event, fast_score=fast, budget_ms=budget_s * 1000.0), budget_s
+            verdict = await self._guarded(
+                self.reasoner_breaker, "reasoner", self._reasoner.reason,
+                ReasoningRequest(event=event, fast_score=fast, budget_ms=budget_s * 1000.0), budget_s,
             )
             return verdict, ""
         except StageError as exc:
@@ -114,6 +163,33 @@ class Cascade:
 
     def _budget_s(self, deadline: float) -> float:
         return max(0.0, deadline - time.monotonic() - self._reserve_s)
+
+    def _fast_budget_s(self, event: RiskEvent, deadline: float) -> float:
+        least = self._limits.fast_model_min_s.get(event.event_type, 0.0)
+        return min(self._limits.scorer_timeout_s, max(self._budget_s(deadline), least))
+
+    @staticmethod
+    async def _guarded(breaker: CircuitBreaker, stage: str, call, request, timeout_s: float):  # noqa: ANN001
+        """One stage call through its circuit breaker: refused at once while the circuit is open."""
+        permit = breaker.allow()
+        if permit is None:
+            raise StageError(
+                f"{stage}: circuit open after repeated failures (last: {breaker.last_error or 'unknown'}); "
+                f"next probe in {breaker.retry_in_s() * 1000:.0f} ms"
+            )
+        try:
+            result = await call(request, timeout_s)
+        except NoTimeLeft:
+            breaker.release(permit)  # the caller's deadline, not the stage, is at fault
+            raise
+        except StageError as exc:
+            breaker.failure(str(exc), permit)
+            raise
+        except (asyncio.CancelledError, Exception):
+            breaker.release(permit)
+            raise
+        breaker.success(permit)
+        return result
 
     def _decision(
         self,

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from riskcascade.config import Settings
+from riskcascade.config import SECRET_FIELDS, Settings, secret_env_var
 
 log = logging.getLogger("riskcascade.platform")
 
@@ -61,10 +61,21 @@ def _start_ray(settings: Settings) -> bool:
     if settings.ray.address:
         ray.init(address=settings.ray.address, **options)
         return False
+    # Workers of a Ray started here inherit this environment: secrets set in YAML or overrides reach replicas this
+    # way, never through Serve args (settings_from_wire reads them back).
+    for section, name in SECRET_FIELDS:
+        field = getattr(settings, section)
+        value = getattr(field, name)
+        if value is not None and value != type(field).model_fields[name].default:
+            os.environ.setdefault(secret_env_var(section, name), value.get_secret_value())
+    security = settings.security
     ray.init(
         include_dashboard=settings.ray.include_dashboard,
+        dashboard_host=security.ray_dashboard_host,
         dashboard_port=settings.ray.dashboard_port,
         num_cpus=settings.ray.num_cpus,
+        # Ray 2.60 binds its metrics export port on every interface (127.0.0.1 is mapped to the node's address)
+        _system_config={"enable_metrics_collection": security.ray_metrics_export},
         **options,
     )
     return True
@@ -117,7 +128,9 @@ async def run_platform(settings: Settings) -> None:
         os.environ.setdefault(DIRECT_INGRESS_ENV, "0")
     from ray import serve  # noqa: F401 - imported after the environment is set
 
-    from orchestrator.cascade import Cascade, CascadeVersions
+    from orchestrator.breaker import CircuitBreaker
+    from orchestrator.cascade import Cascade, CascadeVersions, StageLimits
+    from orchestrator.health import StageHealth
     from orchestrator.feedback import FeedbackFanout
     from orchestrator.merge import MergeRules
     from orchestrator.policy import escalation_policy
@@ -134,6 +147,7 @@ async def run_platform(settings: Settings) -> None:
     owns_ray = False
     server = None
     store = None
+    stage_health = None
     try:
         owns_ray = _start_ray(settings)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -146,7 +160,14 @@ async def run_platform(settings: Settings) -> None:
         reasoner = ServeReasonerStage(serve.get_app_handle(settings.ray.reasoner_app))
         info = await scorer.info(INFO_TIMEOUT_S)
         esc = settings.escalation
+        res = settings.resilience
         policy = escalation_policy(esc, info.band_low, info.band_high)
+        stage_health = StageHealth()
+        breakers = {
+            name: CircuitBreaker(name, res.breaker_failures, res.breaker_open_s, res.breaker_half_open_probes,
+                                 on_change=stage_health.changed)
+            for name in ("fast_model", "reasoner")
+        }
         cascade = Cascade(
             scorer,
             reasoner,
@@ -154,8 +175,15 @@ async def run_platform(settings: Settings) -> None:
             MergeRules.from_settings(settings.merge),
             CascadeVersions(info.model_version, esc.policy_version, info.feature_names),
             settings.server.reserve_ms,
+            StageLimits.from_settings(res),
+            breakers["fast_model"],
+            breakers["reasoner"],
+            esc.max_per_call,
         )
-        store = DecisionStore(settings.store.sqlite_path, settings.store.synchronous, settings.store.max_group_commit)
+        store = DecisionStore(
+            settings.store.sqlite_path, settings.store.synchronous, settings.store.max_group_commit,
+            settings.store.max_pending_writes, settings.store.read_threads,
+        )
         service_info = pb.ServiceInfo(
             model_version=info.model_version,
             scorer_provider=info.provider,
@@ -167,9 +195,15 @@ async def run_platform(settings: Settings) -> None:
             retrieval_backend=settings.retrieval.backend,
         )
         feedback = FeedbackFanout(scorer, reasoner, settings.server.feedback_timeout_ms / 1000.0)
-        servicer = DecisionServicer(cascade, store, info.feature_names, settings.server, service_info, feedback)
-        server = DecisionServer(servicer, settings.server.host, settings.server.port)
+        servicer = DecisionServicer(cascade, store, info.feature_names, settings.server, service_info, feedback,
+                                    feature_ranges=info.feature_ranges, validation=settings.validation)
+        server = await DecisionServer.open(servicer, settings.server.host, settings.server.port, settings.security)
         await server.start()
+        await stage_health.attach(server.health, breakers)
+        stage_health.start_probes(
+            {"fast_model": scorer.ping, "reasoner": reasoner.ping}, breakers, res.probe_interval_s,
+            res.probe_timeout_ms / 1000.0,
+        )
         _write_state(settings, server.port, info, policy)
         log.warning(
             "riskcascade serving risk.v1.DecisionService on %s:%d | model %s on %s (%s) | band [%.3f, %.3f)%s",
@@ -180,6 +214,8 @@ async def run_platform(settings: Settings) -> None:
         await stop.wait()
         log.warning("stopping riskcascade")
     finally:
+        if stage_health is not None:
+            await stage_health.stop()
         if server is not None:
             await server.stop(settings.server.shutdown_grace_s)
         if store is not None:

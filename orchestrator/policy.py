@@ -2,9 +2,10 @@
 
 The fast model's calibrated score is compared with the escalation band [band_low, band_high):
 below it the event is approved, at or above it blocked, inside it escalated to the reasoner -- provided the
-escalation budget allows: enough of the caller's deadline left for the reasoner to do useful work, and fewer
+escalation budget allows: enough of the caller's deadline left for the reasoner to do useful work, fewer
 than ``max_in_flight`` escalations already running (the reasoner is the expensive stage; past its capacity we
-answer with the fallback rather than queue behind it and miss deadlines).
+answer with the fallback rather than queue behind it and miss deadlines), and escalations left in the call's
+own budget (one DecideBatch may not take the whole reasoner).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class EscalationPolicy:
                 f"got [{self.band_low}, {self.band_high})"
             )
 
-    def route(self, score: float, remaining_ms: float, in_flight: int) -> RoutingDecision:
-        """Route one event given its calibrated score, the time left and escalations now running."""
+    def route(self, score: float, remaining_ms: float, in_flight: int, call_left: int = 1) -> RoutingDecision:
+        """Route one event given its calibrated score, the time left, escalations now running and escalations
+        its call may still start."""
         if score < self.band_low:
             return RoutingDecision(Route.APPROVE, f"score {score:.3f} below band [{self.band_low:.3f}, {self.band_high:.3f})")
         if score >= self.band_high:
@@ -59,6 +61,11 @@ class EscalationPolicy:
                 Route.HOLD,
                 f"uncertain score {score:.3f} but escalation budget exhausted "
                 f"({in_flight} of {self.max_in_flight} escalations running)",
+            )
+        if call_left <= 0:
+            return RoutingDecision(
+                Route.HOLD,
+                f"uncertain score {score:.3f} but this call's escalation budget is spent (escalation.max_per_call)",
             )
         return RoutingDecision(Route.ESCALATE, f"uncertain score {score:.3f} inside the band")
 

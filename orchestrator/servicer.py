@@ -4,10 +4,17 @@ Every decision row records the event as decided (time stamped with the arrival t
 Feedback is persisted, then fanned out to the entity state and the case memory (``FeedbackFanout``) so the next
 decision sees it; if that fails the caller gets UNAVAILABLE and a retry with the same feedback_id applies it again.
 
-Idempotency on request_id: a stored decision is replayed (``replayed=true``) when the retried request is the
-same, refused with ALREADY_EXISTS when it differs; concurrent duplicates wait for the first one's answer
-instead of deciding twice. Every decision is persisted before it is returned; if it cannot be persisted the
-caller gets UNAVAILABLE, never an unrecorded decision.
+Idempotency on request_id (the rules are in risk.v1's proto): a stored complete decision is replayed
+(``replayed=true``) when the retried request is the same, refused with ALREADY_EXISTS when it differs; a stored
+degraded decision is decided again. Each request_id is decided by one task (a "flight") that belongs to no caller:
+a caller that is cancelled or runs out of time stops waiting, the flight goes on and stores its decision, and
+concurrent duplicates wait for it -- unless it has a shorter deadline than theirs and comes back degraded, then
+they decide again. Every decision is persisted before it is returned; if it cannot be persisted the caller gets
+UNAVAILABLE, never an unrecorded decision.
+
+Backpressure: at most ``max_in_flight_decisions`` decisions (batch items count one each) are worked on at once;
+past it a call is shed at once with RESOURCE_EXHAUSTED and a retry hint. Store reads and writes never run on the
+event loop (the store's read pool and writer thread).
 """
 
 from __future__ import annotations
@@ -15,26 +22,44 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import datetime
 
 import grpc
 
-from orchestrator.cascade import Cascade, StageError
+from orchestrator.cascade import Cascade, CallBudget, StageError
 from orchestrator.convert import decision_to_proto
 from orchestrator.feedback import FeedbackFanout
 from orchestrator.errors import ApiError, api_error, grpc_status
-from orchestrator.store import DecisionRecord, DecisionStore, FeedbackRecord, StoreClosedError, utc_now
+from orchestrator.store import (
+    DecisionRecord,
+    DecisionStore,
+    FeedbackRecord,
+    StoreBusyError,
+    StoreClosedError,
+    utc_now,
+)
 from orchestrator.validation import InvalidField, to_feedback, to_risk_event, validate_id
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
-from riskcascade.config import ServerSettings
+from riskcascade.config import ServerSettings, ValidationSettings
 from riskcascade.domain import Outcome
+
+log = logging.getLogger("riskcascade.servicer")
 
 
 def fingerprint(message) -> str:
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+@dataclasses.dataclass
+class _Flight:
+    """The one running decision of a request_id, and the deadline it runs under."""
+
+    task: asyncio.Task[tuple[pb.Decision, DecisionRecord, bool]]
+    deadline: float
 
 
 class DecisionServicer(pb_grpc.DecisionServiceServicer):
@@ -46,20 +71,26 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         settings: ServerSettings,
         info: pb.ServiceInfo,
         feedback: FeedbackFanout | None = None,
+        feature_ranges: Mapping[str, tuple[float, float]] | None = None,
+        validation: ValidationSettings | None = None,
     ):
         self._cascade = cascade
         self._feedback = feedback
         self._store = store
         self._features = frozenset(known_features)
+        self._ranges = dict(feature_ranges or {})
+        self._validation = validation or ValidationSettings()
         self._settings = settings
         self._info = info
-        self._in_flight: dict[str, asyncio.Future[DecisionRecord]] = {}
+        self._in_flight: dict[str, _Flight] = {}
+        self._active = 0  # decisions being worked on (a batch counts its items)
 
     # -- RPCs -----------------------------------------------------------------------------------------------
 
     async def Decide(self, request: pb.DecideRequest, context: grpc.aio.ServicerContext) -> pb.DecideResponse:
         try:
-            decision = await self._decide(request, self._deadline(context))
+            with self._admit(1):
+                decision = await self._decide(request, self._deadline(context))
         except (ApiError, InvalidField) as exc:
             await context.abort_with_status(grpc_status(api_error(exc)))
         return pb.DecideResponse(decision=decision)
@@ -68,22 +99,27 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         self, request: pb.DecideBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.DecideBatchResponse:
         n = len(request.requests)
-        if not 1 <= n <= self._settings.max_batch_items:
-            await context.abort_with_status(grpc_status(ApiError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"requests: must hold 1 to {self._settings.max_batch_items} items, got {n}", "requests",
-            )))
-        deadline = self._deadline(context)
-        results = await asyncio.gather(
-            *(self._batch_item(item, i, deadline) for i, item in enumerate(request.requests))
-        )
+        try:
+            if not 1 <= n <= self._settings.max_batch_items:
+                raise ApiError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"requests: must hold 1 to {self._settings.max_batch_items} items, got {n}", "requests",
+                )
+            with self._admit(n):
+                deadline = self._deadline(context)
+                call = CallBudget(self._cascade.max_escalations_per_call)
+                results = await asyncio.gather(
+                    *(self._batch_item(item, i, deadline, call) for i, item in enumerate(request.requests))
+                )
+        except ApiError as exc:
+            await context.abort_with_status(grpc_status(exc))
         return pb.DecideBatchResponse(results=results)
 
     async def SubmitFeedback(
         self, request: pb.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitFeedbackResponse:
         try:
-            fb = to_feedback(request)
+            fb = to_feedback(request, self._validation)
             record = FeedbackRecord(
                 fb.feedback_id, fb.request_id, fb.outcome.value, fb.risk_type, fb.note, utc_now().isoformat()
             )
@@ -91,6 +127,9 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                 stored, inserted = await self._store.put_feedback(record)
             except KeyError:
                 raise ApiError(grpc.StatusCode.NOT_FOUND, f"no decision with request_id {fb.request_id!r}") from None
+            except StoreBusyError as exc:
+                raise ApiError(grpc.StatusCode.UNAVAILABLE, f"feedback not persisted: {exc}",
+                               retry_after_ms=self._settings.shed_retry_after_ms) from exc
             except (StoreClosedError, OSError) as exc:
                 raise ApiError(grpc.StatusCode.UNAVAILABLE, f"feedback could not be persisted: {exc}") from exc
             if not inserted and (stored.request_id, stored.outcome, stored.risk_type, stored.note) != (
@@ -112,12 +151,12 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     ) -> pb.GetDecisionResponse:
         try:
             request_id = validate_id(request.request_id, "request_id")
-            stored = self._store.get_decision(request_id)
+            stored = await self._read(request_id)
             if stored is None:
                 raise ApiError(grpc.StatusCode.NOT_FOUND, f"no decision with request_id {request_id!r}")
         except (ApiError, InvalidField) as exc:
             await context.abort_with_status(grpc_status(api_error(exc)))
-        return pb.GetDecisionResponse(decision=pb.Decision.FromString(stored.payload))
+        return pb.GetDecisionResponse(decision=_stored(stored))
 
     async def GetServiceInfo(
         self, request: pb.GetServiceInfoRequest, context: grpc.aio.ServicerContext
@@ -128,7 +167,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         """Apply persisted feedback to the entity state and the case memory (again on a retry: both idempotent)."""
         if self._feedback is None:
             return
-        decided = await asyncio.to_thread(self._store.get_decision, feedback.request_id)
+        decided = await self._read(feedback.request_id)
         if decided is None or not decided.event:
             return  # decided by a version that did not record events: stored, nothing to fold
         recorded = pb.Event.FromString(decided.event)
@@ -144,6 +183,29 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                 "feedback_id",
             ) from exc
 
+    # -- admission ------------------------------------------------------------------------------------------
+
+    @property
+    def active_decisions(self) -> int:
+        return self._active
+
+    def _admit(self, n: int) -> "_Admission":
+        limit = self._settings.max_in_flight_decisions
+        if self._active + n > limit:
+            raise ApiError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {self._active} decisions in flight (limit {limit}); retry after "
+                f"{self._settings.shed_retry_after_ms} ms",
+                retry_after_ms=self._settings.shed_retry_after_ms,
+            )
+        return _Admission(self, n)
+
+    async def _read(self, request_id: str) -> DecisionRecord | None:
+        try:
+            return await self._store.aget_decision(request_id)
+        except (StoreClosedError, OSError) as exc:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"decision store unavailable: {exc}") from exc
+
     # -- the decision path ----------------------------------------------------------------------------------
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
@@ -152,9 +214,11 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             remaining = self._settings.default_deadline_ms / 1000.0
         return time.monotonic() + remaining
 
-    async def _batch_item(self, item: pb.DecideRequest, index: int, deadline: float) -> pb.DecideBatchResult:
+    async def _batch_item(
+        self, item: pb.DecideRequest, index: int, deadline: float, call: CallBudget
+    ) -> pb.DecideBatchResult:
         try:
-            decision = await self._decide(item, deadline, prefix=f"requests[{index}].")
+            decision = await self._decide(item, deadline, prefix=f"requests[{index}].", call=call)
             return pb.DecideBatchResult(request_id=item.request_id, decision=decision)
         except (ApiError, InvalidField) as exc:
             err = api_error(exc)
@@ -163,58 +227,111 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                 error=pb.ItemError(code=err.code.value[0], message=err.message, field=err.field),
             )
 
-    async def _decide(self, request: pb.DecideRequest, deadline: float, prefix: str = "") -> pb.Decision:
-        event = to_risk_event(request, self._features, prefix)
+    async def _decide(
+        self, request: pb.DecideRequest, deadline: float, prefix: str = "", call: CallBudget | None = None
+    ) -> pb.Decision:
+        event = to_risk_event(request, self._features, prefix, ranges=self._ranges, limits=self._validation)
         request_fingerprint = fingerprint(request)
         recorded_event = pb.Event()
         recorded_event.CopyFrom(request.event)
         if event.occurred_at is None:  # decided now: the state, the record and feedback use the arrival time
             event = dataclasses.replace(event, occurred_at=utc_now())
             recorded_event.occurred_at.FromDatetime(event.occurred_at)
-        stored = self._store.get_decision(event.request_id)
-        if stored is None and event.request_id in self._in_flight:
-            stored = await asyncio.shield(self._in_flight[event.request_id])
-        if stored is not None:
-            return _replay(stored, request_fingerprint)
+        request_id = event.request_id
+        while True:
+            stored = await self._read(request_id)
+            if stored is not None:
+                _check_same(stored, request_fingerprint)
+                if not stored.degraded:
+                    return _replay(stored)
+            flight = self._in_flight.get(request_id)
+            if flight is None:
+                break
+            # someone is deciding it now: its answer is ours, unless it comes back degraded while we have more time
+            _, record, _ = await asyncio.shield(flight.task)
+            _check_same(record, request_fingerprint)
+            if not record.degraded or flight.deadline >= deadline:
+                return _replay(record)
+            # degraded under a shorter deadline than ours: decide again (loop: someone else may have started)
 
-        future: asyncio.Future[DecisionRecord] = asyncio.get_running_loop().create_future()
-        self._in_flight[event.request_id] = future
+        task = asyncio.get_running_loop().create_task(
+            self._decide_and_store(event, request_fingerprint, recorded_event, deadline, call),
+            name=f"decide:{request_id}",
+        )
+        flight = _Flight(task, deadline)
+        self._in_flight[request_id] = flight
+        task.add_done_callback(lambda done: self._landed(request_id, flight))
+        message, record, written = await asyncio.shield(task)
+        return message if written else _replay(record)
+
+    def _landed(self, request_id: str, flight: _Flight) -> None:
+        if self._in_flight.get(request_id) is flight:
+            del self._in_flight[request_id]
+        if not flight.task.cancelled():
+            flight.task.exception()  # retrieved: an abandoned flight's error is not logged as never retrieved
+
+    async def _decide_and_store(
+        self,
+        event,  # noqa: ANN001 - riskcascade.domain.RiskEvent
+        request_fingerprint: str,
+        recorded_event: pb.Event,
+        deadline: float,
+        call: CallBudget | None,
+    ) -> tuple[pb.Decision, DecisionRecord, bool]:
+        """Decide and persist one request; runs as its own task, so no caller's cancellation stops it."""
+        decision = await self._cascade.decide(event, deadline, call)
+        message = decision_to_proto(decision)
+        record = DecisionRecord(
+            request_id=decision.request_id,
+            fingerprint=request_fingerprint,
+            action=decision.action.value,
+            risk_score=decision.risk_score,
+            decided_by=decision.decided_by.value,
+            event_type=decision.event_type.value,
+            degraded=decision.degraded,
+            decided_at=decision.decided_at.isoformat(),
+            payload=message.SerializeToString(),
+            event=recorded_event.SerializeToString(),
+        )
         try:
-            decision = await self._cascade.decide(event, deadline)
-            message = decision_to_proto(decision)
-            record = DecisionRecord(
-                request_id=decision.request_id,
-                fingerprint=request_fingerprint,
-                action=decision.action.value,
-                risk_score=decision.risk_score,
-                decided_by=decision.decided_by.value,
-                event_type=decision.event_type.value,
-                degraded=decision.degraded,
-                decided_at=decision.decided_at.isoformat(),
-                payload=message.SerializeToString(),
-                event=recorded_event.SerializeToString(),
-            )
-            try:
-                stored, inserted = await self._store.put_decision(record)
-            except (StoreClosedError, OSError) as exc:
-                raise ApiError(grpc.StatusCode.UNAVAILABLE, f"decision could not be persisted: {exc}") from exc
-            future.set_result(stored)
-            return message if inserted else _replay(stored, request_fingerprint)
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
-            raise
-        finally:
-            self._in_flight.pop(event.request_id, None)
+            stored, written = await self._store.put_decision(record)
+        except StoreBusyError as exc:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"decision not persisted: {exc}",
+                           retry_after_ms=self._settings.shed_retry_after_ms) from exc
+        except Exception as exc:  # noqa: BLE001 - closed, disk, or any failure of the write: not acknowledged
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"decision could not be persisted: {exc}") from exc
+        message.attempt = stored.attempts
+        return message, stored, written
 
 
-def _replay(stored: DecisionRecord, request_fingerprint: str) -> pb.Decision:
+class _Admission:
+    def __init__(self, servicer: DecisionServicer, n: int):
+        self._servicer = servicer
+        self._n = n
+        servicer._active += n
+
+    def __enter__(self) -> "_Admission":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._servicer._active -= self._n
+
+
+def _check_same(stored: DecisionRecord, request_fingerprint: str) -> None:
     if stored.fingerprint != request_fingerprint:
         raise ApiError(
             grpc.StatusCode.ALREADY_EXISTS,
             f"request_id {stored.request_id!r} was already decided for a different request",
         )
+
+
+def _stored(stored: DecisionRecord) -> pb.Decision:
     decision = pb.Decision.FromString(stored.payload)
+    decision.attempt = stored.attempts
+    return decision
+
+
+def _replay(stored: DecisionRecord) -> pb.Decision:
+    decision = _stored(stored)
     decision.replayed = True
     return decision

@@ -11,7 +11,7 @@ import dataclasses
 
 from ray.serve.handle import DeploymentHandle
 
-from orchestrator.cascade import StageError
+from orchestrator.cascade import NoTimeLeft, StageError
 from riskcascade.domain import (
     AdjudicatedCase,
     FastScore,
@@ -26,7 +26,7 @@ from services.scorer.fast_model import ScorerInfo
 
 async def _call(stage: str, method, argument, timeout_s: float):
     if timeout_s <= 0:
-        raise StageError(f"{stage}: no time left before the deadline")
+        raise NoTimeLeft(f"{stage}: no time left before the deadline")
     response = method.remote(argument)
     try:
         return await asyncio.wait_for(response, timeout=timeout_s)
@@ -52,6 +52,9 @@ class ServeScorerStage:
     async def info(self, timeout_s: float) -> ScorerInfo:
         return await asyncio.wait_for(self._handle.info.remote(), timeout=timeout_s)
 
+    async def ping(self, timeout_s: float) -> bool:
+        return await _call("fast model ping", self._handle.ping, None, timeout_s)
+
     async def record_labels(self, labels: list[LabelRecord], timeout_s: float) -> int:
         with span("stage.record_labels", labels=len(labels)):
             return await _call("entity state", self._handle.record_labels, labels, timeout_s)
@@ -65,6 +68,9 @@ class ServeReasonerStage:
         with span("stage.reasoner", request_id=request.event.request_id, budget_ms=request.budget_ms):
             request = dataclasses.replace(request, trace_carrier=inject_context())
             return await _call("reasoner", self._handle.reason, request, timeout_s)
+
+    async def ping(self, timeout_s: float) -> bool:
+        return await _call("reasoner ping", self._handle.ping, None, timeout_s)
 
     async def add_case(self, case: AdjudicatedCase, timeout_s: float) -> int:
         with span("stage.add_case", case_id=case.case_id):

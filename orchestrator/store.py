@@ -2,24 +2,29 @@
 
 Writes go through one writer thread that commits whatever is queued in a single transaction (group commit):
 each caller awaits its own write, so nothing is acknowledged before it is on disk, yet concurrent decisions
-share one fsync instead of paying one each. Reads use their own connection (WAL mode lets them run beside the
-writer).
+share one fsync instead of paying one each. The queue is bounded (a write past ``max_pending_writes`` is refused at
+once with StoreBusyError) and the writer survives any failure of one batch (that batch's callers get the error,
+later writes go on). Reads run in a small pool of threads, each with its own connection (WAL mode lets them run
+beside the writer): the async ``aget_decision`` never touches the caller's event loop.
 
 The decision row is the audit record: besides the answer it holds the event exactly as decided (``event``: the
 request's ``risk.v1.Event``, its time stamped when the caller sent none), so feedback can reach every entity of
 the event and recorded traffic can be replayed.
 
 Idempotency: a decision row is keyed by request_id and carries a fingerprint of the request. Inserting a
-request_id that exists returns the stored row instead (the first writer wins), so concurrent retries across
-processes still agree on one decision.
+request_id that exists returns the stored row instead (the first complete decision wins), so concurrent retries
+across processes still agree on one decision. A degraded row (a fallback: a stage failed or time ran out) is
+provisional: a later decision of the same request replaces it (``attempts`` counts them), a complete one never is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +41,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     degraded     INTEGER NOT NULL,
     decided_at   TEXT NOT NULL,
     payload      BLOB NOT NULL,
-    event        BLOB NOT NULL DEFAULT x''
+    event        BLOB NOT NULL DEFAULT x'',
+    attempts     INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS feedback (
     feedback_id  TEXT PRIMARY KEY,
@@ -62,6 +68,7 @@ class DecisionRecord:
     decided_at: str
     payload: bytes  # the serialized answer, returned as-is on replay
     event: bytes = b""  # the serialized risk.v1.Event as decided (time stamped); empty in rows of older versions
+    attempts: int = 1  # decisions made for this request_id: more than one when degraded ones were decided again
 
 
 @dataclass(frozen=True)
@@ -78,21 +85,36 @@ class StoreClosedError(RuntimeError):
     pass
 
 
+class StoreBusyError(RuntimeError):
+    """The write queue is full: the store is not keeping up (or is stalled); refused at once, not queued."""
+
+
 class DecisionStore:
-    def __init__(self, path: Path, synchronous: str = "FULL", max_group_commit: int = 256):
+    def __init__(
+        self,
+        path: Path,
+        synchronous: str = "FULL",
+        max_group_commit: int = 256,
+        max_pending_writes: int = 4096,
+        read_threads: int = 2,
+    ):
         self._path = Path(path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
         self._max_group = max_group_commit
-        self._writes: queue.Queue[Any] = queue.Queue()
+        self._writes: queue.Queue[Any] = queue.Queue(maxsize=max_pending_writes)
         self._reader = self._connect()
         self._reader_lock = threading.Lock()
+        self._local = threading.local()
+        self._read_pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="decision-store-read")
         self._closed = False
         writer = self._connect()
         writer.executescript(_SCHEMA)
         columns = {row[1] for row in writer.execute("PRAGMA table_info(decisions)")}
         if "event" not in columns:  # a store written before decisions recorded their event
             writer.execute("ALTER TABLE decisions ADD COLUMN event BLOB NOT NULL DEFAULT x''")
+        if "attempts" not in columns:  # a store written before degraded decisions could be decided again
+            writer.execute("ALTER TABLE decisions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
         self._writer_thread = threading.Thread(
             target=self._write_loop, args=(writer,), name="decision-store-writer", daemon=True
         )
@@ -108,7 +130,8 @@ class DecisionStore:
     # -- writes ---------------------------------------------------------------------------------------------
 
     async def put_decision(self, record: DecisionRecord) -> tuple[DecisionRecord, bool]:
-        """Persist ``record``; returns (stored record, inserted). Not inserted means the id already existed."""
+        """Persist ``record``; returns (stored record, written). Written: the row is ``record`` (new, or it replaced
+        a degraded row of the same request). Not written: a complete decision (or another request's) holds the id."""
         return await self._submit(("decision", record))
 
     async def put_feedback(self, record: FeedbackRecord) -> tuple[FeedbackRecord, bool]:
@@ -120,11 +143,17 @@ class DecisionStore:
             raise StoreClosedError("decision store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._writes.put((op, loop, future))
+        try:
+            self._writes.put_nowait((op, loop, future))
+        except queue.Full:
+            raise StoreBusyError(
+                f"decision store has {self._writes.maxsize} writes waiting (max_pending_writes)"
+            ) from None
         return await future
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
-        while True:
+        stopping = False
+        while not stopping:
             item = self._writes.get()
             if item is None:
                 break
@@ -135,7 +164,7 @@ class DecisionStore:
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._writes.put(None)
+                    stopping = True
                     break
                 batch.append(nxt)
             self._commit(conn, batch)
@@ -151,9 +180,12 @@ class DecisionStore:
                 except KeyError as exc:
                     results.append((False, exc))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+        except Exception as exc:  # noqa: BLE001 - any failure fails this batch's writes, never the writer thread
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
             results = [(False, exc)] * len(batch)
         for (_, loop, future), (ok, value) in zip(batch, results):
             loop.call_soon_threadsafe(_resolve, future, ok, value)
@@ -162,14 +194,21 @@ class DecisionStore:
     def _apply(conn: sqlite3.Connection, kind: str, record: Any) -> tuple[Any, bool]:
         if kind == "decision":
             cur = conn.execute(
-                "INSERT OR IGNORE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,1)",
                 (record.request_id, record.fingerprint, record.action, record.risk_score, record.decided_by,
                  record.event_type, int(record.degraded), record.decided_at, record.payload, record.event),
             )
             if cur.rowcount == 1:
-                return record, True
+                return dataclasses.replace(record, attempts=1), True
+            # a degraded row of the same request is provisional: a new decision of it takes its place
+            cur = conn.execute(
+                "UPDATE decisions SET action=?, risk_score=?, decided_by=?, degraded=?, decided_at=?, payload=?, "
+                "event=?, attempts=attempts+1 WHERE request_id=? AND fingerprint=? AND degraded=1",
+                (record.action, record.risk_score, record.decided_by, int(record.degraded), record.decided_at,
+                 record.payload, record.event, record.request_id, record.fingerprint),
+            )
             row = conn.execute("SELECT * FROM decisions WHERE request_id=?", (record.request_id,)).fetchone()
-            return _decision_from_row(row), False
+            return _decision_from_row(row), cur.rowcount == 1
         exists = conn.execute("SELECT 1 FROM decisions WHERE request_id=?", (record.request_id,)).fetchone()
         if exists is None:
             raise KeyError(record.request_id)
@@ -186,8 +225,22 @@ class DecisionStore:
     # -- reads ----------------------------------------------------------------------------------------------
 
     def get_decision(self, request_id: str) -> DecisionRecord | None:
+        """Blocking read, for threads and tools; an event loop uses ``aget_decision``."""
         with self._reader_lock:
             row = self._reader.execute("SELECT * FROM decisions WHERE request_id=?", (request_id,)).fetchone()
+        return _decision_from_row(row) if row else None
+
+    async def aget_decision(self, request_id: str) -> DecisionRecord | None:
+        """The stored decision of ``request_id``, read in the store's read pool (never on the event loop)."""
+        if self._closed:
+            raise StoreClosedError("decision store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._read_pool, self._pooled_read, request_id)
+
+    def _pooled_read(self, request_id: str) -> DecisionRecord | None:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        row = conn.execute("SELECT * FROM decisions WHERE request_id=?", (request_id,)).fetchone()
         return _decision_from_row(row) if row else None
 
     def feedback_for(self, request_id: str) -> list[FeedbackRecord]:
@@ -206,8 +259,9 @@ class DecisionStore:
         if self._closed:
             return
         self._closed = True
-        self._writes.put(None)
+        self._writes.put(None)  # blocking put: the writer drains the queue, so room comes
         self._writer_thread.join()
+        self._read_pool.shutdown(wait=True)
         with self._reader_lock:
             self._reader.close()
 
@@ -222,7 +276,8 @@ def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 
 def _decision_from_row(row: tuple) -> DecisionRecord:
-    return DecisionRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[9])
+    return DecisionRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[9],
+                          row[10])
 
 
 def utc_now() -> datetime:

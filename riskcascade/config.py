@@ -9,12 +9,13 @@ run elsewhere) receive absolute ones.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from riskcascade.domain import Action, EventType
@@ -43,6 +44,14 @@ class ServerSettings(_Section):
     shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on stop")
     feedback_timeout_ms: float = Field(
         5000.0, gt=0, description="time feedback gets to reach the entity state and the case memory"
+    )
+    max_in_flight_decisions: int = Field(
+        512, ge=1,
+        description="decisions (a batch counts its items) the server works on at once; a call past it is shed "
+        "with RESOURCE_EXHAUSTED and a retry hint instead of queueing past its deadline",
+    )
+    shed_retry_after_ms: int = Field(
+        200, ge=0, description="retry hint (google.rpc.RetryInfo and retry-after-ms metadata) sent when shedding"
     )
     ready_file: Path | None = Field(
         None, description="file written with the bound port once the server is serving"
@@ -185,7 +194,17 @@ class RetrievalSettings(_Section):
     qdrant_path: Path | None = Field(
         None, description="qdrant-client local-mode folder for backend=qdrant without a url"
     )
-    qdrant_api_key: str | None = Field(None, description="API key for a Qdrant server")
+    qdrant_api_key: SecretStr | None = Field(
+        None, description="API key for a Qdrant server; set it by RISKCASCADE_RETRIEVAL__QDRANT_API_KEY or "
+        "qdrant_api_key_file (secrets never travel in Serve args: each replica reads its environment or the file)",
+    )
+    qdrant_api_key_file: Path | None = Field(
+        None, description="file holding the Qdrant API key, read where it is used; wins over qdrant_api_key"
+    )
+
+    def qdrant_api_key_text(self) -> str | None:
+        """The Qdrant API key: the file's content when qdrant_api_key_file is set, else qdrant_api_key."""
+        return secret_text(self.qdrant_api_key, self.qdrant_api_key_file)
     collection: str = Field("adjudicated_cases", description="collection of adjudicated cases")
     policy_collection: str = Field("risk_policies", description="collection of chunked policy documents")
     policy_dir: Path = Field(
@@ -210,6 +229,38 @@ class RetrievalSettings(_Section):
         return self
 
 
+class ResilienceSettings(_Section):
+    """How the orchestrator treats a slow or dead stage (orchestrator/breaker.py, orchestrator/cascade.py)."""
+
+    fast_model_min_ms: dict[EventType, float] = Field(
+        default_factory=lambda: {
+            EventType.ORDER: 100.0,
+            EventType.LOGIN: 50.0,
+            EventType.PAYOUT: 150.0,
+            EventType.REVIEW: 50.0,
+            EventType.PROMO_REDEMPTION: 100.0,
+            EventType.ACCOUNT_CHANGE: 100.0,
+        },
+        description="least time the fast model gets, per event type, even when the caller's deadline is shorter "
+        "(the fast model is asked before any reserve is taken; an answer that misses the caller's deadline is "
+        "still stored and a retry gets it)",
+    )
+    scorer_timeout_ms: float = Field(
+        1000.0, gt=0, description="longest one fast-model call may wait, whatever the deadline allows"
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="consecutive failures of a stage that open its circuit (calls then fail at once)"
+    )
+    breaker_open_s: float = Field(
+        2.0, gt=0, description="time an open circuit waits before letting probe calls through (half-open)"
+    )
+    breaker_half_open_probes: int = Field(1, ge=1, description="calls let through at once while half-open")
+    probe_interval_s: float = Field(
+        0.5, gt=0, description="how often the orchestrator pings each stage; failed pings count as failures"
+    )
+    probe_timeout_ms: float = Field(500.0, gt=0, description="time one ping may take")
+
+
 class EscalationSettings(_Section):
     """When the fast score is not decisive enough and the reasoner is asked."""
 
@@ -223,6 +274,10 @@ class EscalationSettings(_Section):
         50.0, ge=0, description="escalate only if at least this much of the deadline is left"
     )
     max_in_flight: int = Field(32, ge=0, description="escalations running at once; beyond it, no escalation")
+    max_per_call: int = Field(
+        8, ge=0, description="escalations one call (a DecideBatch) may start, so one batch cannot take the whole "
+        "max_in_flight budget from other callers",
+    )
     policy_version: str = Field("cascade-policy-1", description="version stamped on decisions")
 
 
@@ -235,14 +290,15 @@ class MergeSettings(_Section):
     )
     failure_action: dict[EventType, Action] = Field(
         default_factory=lambda: {
-            EventType.ORDER: Action.APPROVE,
+            EventType.ORDER: Action.REVIEW,
             EventType.LOGIN: Action.APPROVE,
             EventType.REVIEW: Action.APPROVE,
             EventType.PROMO_REDEMPTION: Action.REVIEW,
             EventType.PAYOUT: Action.REVIEW,
             EventType.ACCOUNT_CHANGE: Action.REVIEW,
         },
-        description="action when the fast model fails: fail open (APPROVE) or closed (REVIEW/BLOCK), per event type",
+        description="action when the fast model fails: fail open (APPROVE) or closed (REVIEW/BLOCK), per event type; "
+        "money-moving events (orders, payouts, promos) and account changes fail closed by default",
     )
     undecided_action: Action = Field(
         Action.REVIEW, description="action for an uncertain case the reasoner could not decide"
@@ -271,6 +327,10 @@ class ReasonerSettings(_Section):
         description="entity fields whose other accounts count as graph neighbours (a seller links too many)",
     )
     policy_version: str = Field("case-review-1", description="version stamped on reasoner verdicts")
+    retrieval_threads: int = Field(
+        2, ge=1, description="worker threads of the reasoning workflow's blocking retrieval (case memory and "
+        "policy queries, text embedding), so none runs on the event loop; more calls wait for a thread",
+    )
 
 
 class LLMSettings(_Section):
@@ -287,7 +347,18 @@ class LLMSettings(_Section):
     context_tokens: int = Field(4096, ge=512, description="llama_cpp context window")
     threads: int = Field(2, ge=1, description="llama_cpp CPU threads")
     base_url: str | None = Field(None, description="openai_compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    api_key: str = Field("not-needed", description="openai_compatible API key (local servers ignore it)")
+    api_key: SecretStr = Field(
+        SecretStr("not-needed"), description="openai_compatible API key (local servers ignore it); set it by "
+        "RISKCASCADE_LLM__API_KEY or api_key_file (secrets never travel in Serve args: each replica reads its "
+        "environment or the file)",
+    )
+    api_key_file: Path | None = Field(
+        None, description="file holding the openai_compatible API key, read where it is used; wins over api_key"
+    )
+
+    def api_key_text(self) -> str:
+        """The API key: the file's content when api_key_file is set, else api_key."""
+        return secret_text(self.api_key, self.api_key_file) or ""
     model: str = Field("local", description="model name sent to an openai_compatible endpoint")
     max_output_tokens: int = Field(
         256, ge=16, le=4096, description="answer length cap; an answer cut here counts as looping"
@@ -311,6 +382,10 @@ class LLMSettings(_Section):
     max_prompt_chars: int = Field(
         600, ge=50, description="longest free-text field quoted into a prompt; longer text is cut and marked"
     )
+    call_threads: int = Field(
+        4, ge=1, description="worker threads the reasoning workflow makes model calls from (off the event loop); "
+        "a call that finds none free within its timeout falls back to REVIEW",
+    )
 
     @model_validator(mode="after")
     def _endpoint(self) -> "LLMSettings":
@@ -333,12 +408,113 @@ class ReflectionSettings(_Section):
     )
 
 
+class SecuritySettings(_Section):
+    """Who may reach the gRPC server and how (orchestrator/auth.py; clients: orchestrator/client.py), and what a
+    local Ray exposes. While dev_material is on, `riskcascade up` writes development material
+    (riskcascade/dev_secrets.py) for each file below that TLS or tokens need and that is missing."""
+
+    tls: bool = Field(True, description="serve gRPC over TLS with tls_cert_file and tls_key_file")
+    tls_cert_file: Path = Field(Path("var/secrets/server.crt"), description="server certificate chain (PEM)")
+    tls_key_file: Path = Field(Path("var/secrets/server.key"), description="server private key (PEM)")
+    ca_file: Path = Field(
+        Path("var/secrets/ca.crt"),
+        description="CA certificate(s) (PEM) clients verify the server with; under mutual TLS also the CA of "
+        "client certificates unless client_ca_file is set",
+    )
+    require_client_cert: bool = Field(
+        False, description="mutual TLS: refuse clients without a certificate signed by client_ca_file"
+    )
+    client_ca_file: Path | None = Field(None, description="CA certificate(s) of client certificates; empty = ca_file")
+    client_cert_file: Path = Field(
+        Path("var/secrets/client.crt"), description="certificate this repo's clients present under mutual TLS"
+    )
+    client_key_file: Path = Field(Path("var/secrets/client.key"), description="private key of client_cert_file")
+    tokens: bool = Field(
+        True, description="require a per-client bearer token (metadata `authorization: Bearer <token>`)"
+    )
+    tokens_file: Path = Field(
+        Path("var/secrets/tokens.yaml"),
+        description="known clients: name -> token_sha256 and roles or methods (format: orchestrator/auth.py)",
+    )
+    client_token_file: Path = Field(
+        Path("var/secrets/client.token"),
+        description="bearer token this repo's clients send (loadgen, tests); `up` writes an all-roles dev one",
+    )
+    public_health: bool = Field(
+        True, description="grpc.health.v1.Health answers without a token (Kubernetes probes send none)"
+    )
+    refusal_log_interval_s: float = Field(
+        10.0, gt=0, description="at most one WARNING line per interval for refused calls (the next counts the rest)"
+    )
+    dev_material: bool = Field(
+        True,
+        description="`up` writes a dev CA, a server certificate for localhost, a client certificate and an "
+        "all-roles token for whichever needed file is missing (off in production: a missing file stops start-up)",
+    )
+    dev_cert_days: int = Field(365, ge=1, description="validity of generated dev certificates, in days")
+    allow_insecure: bool = Field(
+        False, description="serve on a non-loopback server.host without TLS or tokens (only behind a proxy that "
+        "provides both)",
+    )
+    ray_dashboard_host: str = Field("127.0.0.1", description="interface a local Ray's dashboard binds")
+    ray_metrics_export: bool = Field(
+        False,
+        description="open a local Ray's Prometheus metrics export port. Ray 2.60 cannot keep it (nor its GCS, "
+        "raylet and worker ports) on loopback: it maps 127.0.0.1 to the node's address and binds every "
+        "interface, so it stays closed unless you scrape it (Ray's own token auth guards the core ports)",
+    )
+
+    def exposure_problem(self, host: str) -> str | None:
+        """Why serving on ``host`` with these settings is refused, or None when it is allowed."""
+        if self.allow_insecure or (self.tls and self.tokens) or _is_loopback(host):
+            return None
+        return (
+            f"server.host {host} is not a loopback address: it needs security.tls and security.tokens "
+            "(or security.allow_insecure: true behind a proxy that provides both)"
+        )
+
+
 class StoreSettings(_Section):
     sqlite_path: Path = Field(Path("var/decisions.sqlite"), description="decision and feedback store")
     synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="SQLite fsync level: FULL survives power loss, NORMAL only process crashes"
     )
     max_group_commit: int = Field(256, ge=1, description="writes committed together in one transaction")
+    max_pending_writes: int = Field(
+        4096, ge=1, description="writes waiting for the writer thread; past it a write is refused at once "
+        "(UNAVAILABLE), never queued without bound",
+    )
+    read_threads: int = Field(2, ge=1, description="threads that read the store (reads never run on the event loop)")
+
+
+class ValidationSettings(_Section):
+    """What the gRPC edge accepts (orchestrator/validation.py); anything else is refused with INVALID_ARGUMENT
+    naming the field, before it reaches a stage, the entity state or the decision store."""
+
+    max_entity_id_chars: int = Field(256, ge=1, description="longest entity id (account, seller, device, ...)")
+    max_text_fields: int = Field(16, ge=0, description="most entries in an event's text map")
+    max_text_key_chars: int = Field(64, ge=1, description="longest key of an event's text map")
+    max_text_value_chars: int = Field(4096, ge=1, description="longest value of an event's text map")
+    max_risk_type_chars: int = Field(64, ge=1, description="longest feedback risk_type")
+    max_note_chars: int = Field(4096, ge=1, description="longest feedback note")
+    max_quoted_chars: int = Field(
+        64, ge=8, description="longest piece of caller input (e.g. an unknown feature name) quoted in an error"
+    )
+    occurred_at_earliest_s: float = Field(
+        0.0, description="earliest accepted event.occurred_at, in seconds since 1970-01-01T00:00:00Z"
+    )
+    occurred_at_max_future_s: float = Field(
+        3600.0, ge=0, description="how far past the server's clock event.occurred_at may lie (clock skew)"
+    )
+    max_abs_feature_value: float = Field(
+        1e9, gt=0, description="largest feature magnitude accepted, also for features the model card gives no range"
+    )
+    feature_range_margin: float = Field(
+        3.0, ge=0,
+        description="training: each feature's plausible range in the model card reaches past the training minimum "
+        "and maximum by this many times their span (a feature never negative in training stays non-negative); "
+        "generous, because trees score everything past the training maximum alike and a refused event costs too",
+    )
 
 
 class TracingSettings(_Section):
@@ -363,6 +539,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     state: StateSettings = StateSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
+    resilience: ResilienceSettings = ResilienceSettings()
     escalation: EscalationSettings = EscalationSettings()
     merge: MergeSettings = MergeSettings()
     reasoner: ReasonerSettings = ReasonerSettings()
@@ -370,6 +547,8 @@ class Settings(BaseSettings):
     reflection: ReflectionSettings = ReflectionSettings()
     store: StoreSettings = StoreSettings()
     tracing: TracingSettings = TracingSettings()
+    security: SecuritySettings = SecuritySettings()
+    validation: ValidationSettings = ValidationSettings()
 
     _yaml_data: ClassVar[dict[str, Any]] = {}
 
@@ -389,8 +568,12 @@ class Settings(BaseSettings):
         return Settings.model_validate(_absolute_paths(self.model_dump()))
 
     def to_wire(self) -> dict[str, Any]:
-        """JSON-safe dict, for passing to Ray Serve deployments as builder args."""
-        return self.model_dump(mode="json")
+        """JSON-safe dict, for passing to Ray Serve deployments as builder args. Secrets stay out (the Ray dashboard
+        shows args): a replica reads them from its own environment or their ``*_file`` path (settings_from_wire)."""
+        exclude: dict[str, set[str]] = {}
+        for section, name in SECRET_FIELDS:
+            exclude.setdefault(section, set()).add(name)
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -403,6 +586,36 @@ class _YamlSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(self._data)
+
+
+# The settings that hold secrets, as (section, field): never in to_wire(), never logged (SecretStr).
+SECRET_FIELDS: tuple[tuple[str, str], ...] = (("llm", "api_key"), ("retrieval", "qdrant_api_key"))
+
+
+def secret_env_var(section: str, name: str) -> str:
+    """The environment variable of a setting, e.g. RISKCASCADE_LLM__API_KEY."""
+    config = Settings.model_config
+    return f"{config['env_prefix']}{section}{config['env_nested_delimiter']}{name}".upper()
+
+
+def secret_text(value: SecretStr | None, file: Path | None) -> str | None:
+    """A secret's text: the stripped content of ``file`` when one is set (read where the secret is used, so each
+    Ray replica reads its own file), else ``value``."""
+    if file is not None:
+        try:
+            return file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {file}: {exc.strerror}") from None
+    return value.get_secret_value() if value is not None else None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
 
 
 def _absolute_paths(value: Any) -> Any:
@@ -441,5 +654,13 @@ def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Se
 
 
 def settings_from_wire(data: dict[str, Any]) -> Settings:
-    """Rebuild settings passed to a Ray replica (already resolved; environment is not re-read)."""
-    return Settings.model_validate(data)
+    """Rebuild settings passed to a Ray replica (already resolved). Of the environment, only the secrets are read
+    (RISKCASCADE_LLM__API_KEY, RISKCASCADE_RETRIEVAL__QDRANT_API_KEY): the wire never carries them."""
+    settings = Settings.model_validate(data)
+    updates: dict[str, BaseModel] = {}
+    for section, name in SECRET_FIELDS:
+        value = os.environ.get(secret_env_var(section, name))
+        if value is not None:
+            part = updates.get(section, getattr(settings, section))
+            updates[section] = part.model_copy(update={name: SecretStr(value)})
+    return settings.model_copy(update=updates) if updates else settings

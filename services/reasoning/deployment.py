@@ -29,6 +29,10 @@ class Reasoner:
             current.set_attribute("reasoner.backend", verdict.backend)
             return verdict
 
+    async def ping(self, _: object = None) -> bool:
+        """Liveness for the orchestrator's stage probe: answered on the replica's loop, no retrieval."""
+        return True
+
     async def add_case(self, case: AdjudicatedCase) -> int:
         """Take one adjudicated case into the case memory (idempotent by case id; see
         ``ReasoningService.add_case``). Returns how many cases the memory holds after the write."""

@@ -77,6 +77,10 @@ class FastScorer:
     async def info(self) -> ScorerInfo:
         return self._model.info
 
+    async def ping(self, _: object = None) -> bool:
+        """Liveness for the orchestrator's stage probe: answered on the replica's loop, no model work."""
+        return True
+
     async def _run(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
 
