@@ -101,9 +101,11 @@ def combined_serve_config(settings, grpc_port: int, band: list[float]) -> dict:
 
 
 def run_loadgen(target: str, events: Path | None, n: int, c: int, label: str, out: Path, mode: str = "decide",
-                metadata: tuple[str, ...] = ()) -> dict:
+                metadata: tuple[str, ...] = (), config: Path | None = None) -> dict:
+    """``config``: the platform's riskcascade YAML (TLS and token as it says); without one, plaintext."""
     cmd = [sys.executable, "-m", "loadtest.loadgen", "--target", target, "--mode", mode, "-n", str(n),
            "-c", str(c), "--label", label, "--out", str(out), "--quiet"]
+    cmd += ["--config", str(config)] if config is not None else ["--plaintext"]
     if events is not None:
         cmd += ["--events", str(events)]
     for item in metadata:
@@ -182,9 +184,9 @@ async def run_mode(args: argparse.Namespace, serve_mode: str) -> dict:
                                        f"Serve gRPC proxy->scorer (c={c})", out,
                                        metadata=("application=bench_scorer_grpc",)))
             results.append(run_loadgen(f"127.0.0.1:{platform_port}", clear, args.requests, c,
-                                       f"orchestrator, clear cases (c={c})", out))
+                                       f"orchestrator, clear cases (c={c})", out, config=config_path))
             results.append(run_loadgen(f"127.0.0.1:{platform_port}", mixed, args.requests, c,
-                                       f"orchestrator, held-out mix (c={c})", out))
+                                       f"orchestrator, held-out mix (c={c})", out, config=config_path))
     finally:
         await bare.stop()
         if platform.poll() is None:

@@ -5,6 +5,10 @@ messages in protobuf JSON (``python -m loadtest.bench`` writes one from held-out
 fresh request_id so idempotency never short-circuits the work being measured.
 
     python -m loadtest.loadgen --target 127.0.0.1:50051 --events events.jsonl -n 2000 -c 16 --out r.json
+
+It connects as the riskcascade config's ``security`` section says (TLS with its CA, its client token; --config,
+else $RISKCASCADE_CONFIG, else the defaults that `riskcascade up` uses), or in plaintext with --plaintext (the bare
+baselines and Ray Serve's gRPC proxy).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
+from orchestrator.client import ClientSecurityError, channel_credentials, open_aio_channel
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
+from riskcascade.config import ConfigError, load_settings
 
 MODES = ("decide", "health")
 PERCENTILES = (50, 95, 99)
@@ -92,6 +98,7 @@ async def run_load(
     progress: bool = True,
     warmup: int = 20,
     metadata: tuple[tuple[str, str], ...] = (),
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> LoadResult:
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -99,7 +106,7 @@ async def run_load(
     escalated = degraded = 0
     stage_times: dict[str, list[float]] = {}
     run_id = uuid.uuid4().hex[:10]
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_aio_channel(target, credentials) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=30)
         decide = pb_grpc.DecisionServiceStub(channel).Decide
         check = health_pb2_grpc.HealthStub(channel).Check
@@ -199,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                         help="gRPC metadata on every call (e.g. application=NAME for Ray Serve's gRPC proxy)")
     parser.add_argument("--warmup", type=int, default=20, help="unrecorded calls before measuring")
+    parser.add_argument("--config", default=None,
+                        help="riskcascade YAML whose security section says how to connect (TLS, token)")
+    parser.add_argument("--plaintext", action="store_true", help="no TLS and no token (bare baselines, Serve proxy)")
     args = parser.parse_args(argv)
     try:
         metadata = tuple(tuple(item.split("=", 1)) for item in args.metadata)
@@ -211,9 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "decide" and not args.events:
         parser.error("--events is required for --mode decide")
     events = read_events(args.events) if args.events else []
+    try:
+        credentials = None if args.plaintext else channel_credentials(load_settings(args.config).security)
+    except (ConfigError, ClientSecurityError) as exc:
+        raise SystemExit(str(exc)) from None
     result = asyncio.run(
         run_load(args.target, args.mode, args.requests, args.concurrency, events, args.deadline_ms / 1000.0,
-                 args.label or args.mode, progress=not args.quiet, warmup=args.warmup, metadata=metadata)
+                 args.label or args.mode, progress=not args.quiet, warmup=args.warmup, metadata=metadata,
+                 credentials=credentials)
     )
     print(format_result(result))
     if args.out:

@@ -125,7 +125,7 @@ def _open_qdrant(settings: RetrievalSettings, layout: CollectionLayout, read_onl
     from retrieval.qdrant_store import NamedVectorsQdrantStore, acquire_local_client, ensure_collection, release_client
 
     if settings.qdrant_url:
-        client = QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key)
+        client = QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key_text())
         location = f"{settings.qdrant_url.rstrip('/')}/collections/{layout.name}"
         server = True
     else:

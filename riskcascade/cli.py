@@ -338,6 +338,7 @@ def up(config: str | None, quiet: bool) -> None:
     """Start the platform on this machine (training and indexing first when needed)."""
     settings = _settings(config)
     _refuse_if_running(settings)
+    _prepare_security(settings)
     from riskcascade.model_card import CARD_FILE
 
     if not (settings.model.dir / CARD_FILE).exists():
@@ -350,13 +351,43 @@ def up(config: str | None, quiet: bool) -> None:
         )
         _index(settings, progress=not quiet, parts=stale)
     _seed_state(settings, progress=not quiet)
+    from orchestrator.auth import SecurityError
     from orchestrator.platform import PlatformError, run_platform
 
     try:
         asyncio.run(run_platform(settings))
-    except PlatformError as exc:
+    except (PlatformError, SecurityError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo("riskcascade stopped")
+
+
+def _prepare_security(settings: Settings) -> None:
+    """Refuse an exposed host without TLS and tokens; write dev material for missing files (security.dev_material);
+    say where a client finds what it needs."""
+    from riskcascade.dev_secrets import DevMaterialError, ensure_dev_material, missing_files
+
+    security = settings.security
+    if problem := security.exposure_problem(settings.server.host):
+        raise click.ClickException(problem)
+    if security.dev_material:
+        try:
+            written = ensure_dev_material(security)
+        except (DevMaterialError, OSError) as exc:
+            raise click.ClickException(f"cannot write development security material: {exc}") from None
+        if written:
+            click.echo("wrote development TLS and token material (mode 0600, not for production): "
+                       + ", ".join(str(p) for p in written))
+    elif missing := missing_files(security):
+        raise click.ClickException(
+            "security files missing (security.dev_material is off): " + ", ".join(str(p) for p in missing)
+        )
+    if security.tls or security.tokens:
+        parts = [f"TLS, verify the server with {security.ca_file}"] if security.tls else []
+        if security.tls and security.require_client_cert:
+            parts.append(f"present {security.client_cert_file} (mutual TLS)")
+        if security.tokens:
+            parts.append(f"send `authorization: Bearer <token>`, the token is in {security.client_token_file}")
+        click.echo("clients: " + "; ".join(parts) + " (orchestrator.client.open_channel does all of it)")
 
 
 def _process_alive(pid: int) -> bool:

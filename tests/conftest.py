@@ -1,6 +1,9 @@
 """Shared fixtures. The end-to-end ones start the real platform once per session: `riskcascade up` in a
 subprocess (it trains a small model, indexes it into Qdrant Edge, starts a local Ray, deploys the Serve
-applications and serves gRPC), exporting spans to a real OTLP receiver in this process."""
+applications and serves gRPC), exporting spans to a real OTLP receiver in this process.
+
+Every test platform serves TLS and checks bearer tokens (the defaults), with the development material `up` writes
+under its own ``<workdir>/secrets``; ``platform_channel`` opens an authenticated channel to any of them."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +100,7 @@ def write_platform_config(workdir: Path, otlp_endpoint: str, **overrides) -> Pat
         # Generous time margins make the deadline paths deterministic on a slow machine: a call with less than
         # 300 ms left never reaches a stage, and one with less than 1 s left after scoring is not escalated.
         "escalation": {"min_reasoner_budget_ms": 1000},
+        "security": platform_security(workdir / "secrets"),
     }
     config["server"]["reserve_ms"] = RESERVE_MS
     for section, values in overrides.items():
@@ -102,6 +108,39 @@ def write_platform_config(workdir: Path, otlp_endpoint: str, **overrides) -> Pat
     path = workdir / "riskcascade.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def platform_security(secrets_dir: Path) -> dict:
+    """A test platform's security settings: TLS and tokens on, every file under ``secrets_dir`` (which `up` fills
+    with development material)."""
+    return {
+        "tls": True,
+        "tokens": True,
+        "ca_file": str(secrets_dir / "ca.crt"),
+        "tls_cert_file": str(secrets_dir / "server.crt"),
+        "tls_key_file": str(secrets_dir / "server.key"),
+        "client_cert_file": str(secrets_dir / "client.crt"),
+        "client_key_file": str(secrets_dir / "client.key"),
+        "tokens_file": str(secrets_dir / "tokens.yaml"),
+        "client_token_file": str(secrets_dir / "client.token"),
+    }
+
+
+def platform_settings(platform: RunningPlatform):  # noqa: ANN201 - riskcascade.config.Settings
+    """The settings a running test platform was started with."""
+    from riskcascade.config import load_settings
+
+    return load_settings(platform.config_path)
+
+
+@contextmanager
+def platform_channel(platform: RunningPlatform) -> Iterator[grpc.Channel]:
+    """A ready channel to ``platform`` with its TLS trust and its all-roles development token."""
+    from orchestrator.client import open_channel
+
+    with open_channel(platform_settings(platform), platform.target) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        yield ch
 
 
 def start_platform(config_path: Path, workdir: Path, new_session: bool = False) -> RunningPlatform:
@@ -146,8 +185,7 @@ def platform(tmp_path_factory, otlp_receiver):
 
 @pytest.fixture(scope="session")
 def channel(platform):
-    with grpc.insecure_channel(platform.target) as ch:
-        grpc.channel_ready_future(ch).result(timeout=30)
+    with platform_channel(platform) as ch:
         yield ch
 
 
@@ -159,8 +197,10 @@ def stub(channel):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that stop the session's platform run after every other test."""
-    items.sort(key=lambda item: item.get_closest_marker("stops_platform") is not None)
+    """Tests that disrupt the session's platform (kill its replicas) run after those that need it whole, and tests
+    that stop it run last."""
+    items.sort(key=lambda item: (item.get_closest_marker("stops_platform") is not None,
+                                 item.get_closest_marker("disrupts_platform") is not None))
 
 
 def venv_tool(name: str) -> str | None:

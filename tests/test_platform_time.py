@@ -12,7 +12,6 @@ import math
 import uuid
 from datetime import datetime, timezone
 
-import grpc
 import numpy as np
 import pytest
 
@@ -22,7 +21,7 @@ from risk.v1 import decision_pb2_grpc
 from riskcascade.entity_state import EntityBook, LabelEvent, StateEvent
 from riskcascade.features import FeatureLayout
 from riskcascade.synthetic import LabelledEvent, read_events_csv
-from tests.conftest import start_platform, stop_platform, write_platform_config
+from tests.conftest import platform_channel, start_platform, stop_platform, write_platform_config
 from tests.redis_server import redis_server_binary, running_redis
 
 pytestmark = pytest.mark.slow
@@ -52,8 +51,7 @@ def redis_platform(platform, otlp_receiver, tmp_path_factory):
 def target(request):
     """(platform, stub) of one state backend."""
     running = request.getfixturevalue("platform" if request.param == "embedded" else "redis_platform")
-    with grpc.insecure_channel(running.target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
+    with platform_channel(running) as channel:
         yield running, decision_pb2_grpc.DecisionServiceStub(channel)
 
 

@@ -46,7 +46,7 @@ class OpenAICompatibleLLM(OpenAILike):
         return cls(
             model=settings.model,
             api_base=settings.base_url,
-            api_key=settings.api_key,
+            api_key=settings.api_key_text(),
             temperature=settings.temperature,
             max_tokens=settings.max_output_tokens,
             context_window=settings.context_tokens,
