@@ -106,8 +106,13 @@ def _rounded(value: float) -> str:
     """``value`` to ``SIGNIFICANT_DIGITS`` significant digits, written without exponent or trailing zeros."""
     if value == 0:
         return "0"
+    if not math.isfinite(value):
+        return str(value)
     decimals = SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(value)))
-    rounded = round(value, decimals)
+    try:
+        rounded = round(value, decimals)
+    except OverflowError:  # within a rounding step of the largest double: no digits to drop that round() can
+        return f"{value:.{SIGNIFICANT_DIGITS}g}"
     if decimals <= 0:
         return str(int(rounded))
     return f"{rounded:.{decimals}f}".rstrip("0").rstrip(".")

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from riskcascade.anomaly import (  # noqa: E402
     sklearn_parity,
 )
 from riskcascade.calibration import PlattCalibrator  # noqa: E402
-from riskcascade.config import Settings, StateSettings, TrainingSettings  # noqa: E402
+from riskcascade.config import Settings, StateSettings, TrainingSettings, ValidationSettings  # noqa: E402
 from riskcascade.datasets.format import SPLIT_NAMES, Dataset  # noqa: E402
 from riskcascade.datasets.splits import choose_split, is_time_ordered  # noqa: E402
 from riskcascade.evaluation import split_metrics  # noqa: E402
@@ -218,6 +218,7 @@ class TrainedModel:
     fraud_rate: dict[str, float]
     input_scaling: FeatureScaling  # over the raw numeric inputs (behaviour vectors of the case memory)
     training: dict[str, Any]
+    input_extremes: dict[str, tuple[float, float]] = field(default_factory=dict)  # training min and max per input
 
 
 def split_of(dataset: Dataset, index: int, config: TrainingSettings, seed: int) -> np.ndarray:
@@ -385,6 +386,7 @@ def fit_fast_model(
                 mean=np.nanmean(inputs, axis=0).tolist(),
                 std=np.maximum(np.nanstd(inputs, axis=0), STD_FLOOR).tolist(),
             ),
+            input_extremes=observed_extremes(layout.numeric, inputs),
             training={
                 "best_iteration": best_iteration,
                 "params": params,
@@ -397,6 +399,30 @@ def fit_fast_model(
         )
     finally:
         clock.close()
+
+
+def observed_extremes(names: list[str], values: np.ndarray) -> dict[str, tuple[float, float]]:
+    """Each input's smallest and largest training value (features never present in training are left out)."""
+    present = ~np.all(np.isnan(values), axis=0)
+    return {
+        name: (float(np.nanmin(values[:, j])), float(np.nanmax(values[:, j])))
+        for j, name in enumerate(names) if present[j]
+    }
+
+
+def plausible_ranges(extremes: dict[str, tuple[float, float]], margin: float) -> dict[str, tuple[float, float]]:
+    """The model card's plausible range per input: the training extremes widened by ``margin`` times their span
+    (``validation.feature_range_margin``), never crossing zero where training never did (a count stays
+    non-negative). A feature constant in training widens by its own magnitude; one always 0 gets no range, so only
+    the edge's global bound applies (a flag never set in training is not thereby garbage when set)."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, (low, high) in extremes.items():
+        span = (high - low) or max(abs(low), abs(high))
+        if span == 0:
+            continue
+        wide_low, wide_high = low - margin * span, high + margin * span
+        ranges[name] = (max(wide_low, 0.0) if low >= 0 else wide_low, min(wide_high, 0.0) if high <= 0 else wide_high)
+    return ranges
 
 
 def _lightgbm_names(names: list[str]) -> list[str]:
@@ -426,8 +452,12 @@ def _content_hash(model: TrainedModel) -> str:
     return digest.hexdigest()[:8]
 
 
-def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any]) -> ModelCard:
-    """Write the model files into ``model_dir``, the model card last (the scorer reads the card first)."""
+def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any],
+                range_margin: float = ValidationSettings().feature_range_margin) -> ModelCard:
+    """Write the model files into ``model_dir``, the model card last (the scorer reads the card first).
+
+    The card declares each input's plausible range (``feature_ranges``, see ``plausible_ranges``), which the edge
+    holds requests to."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     created = datetime.now(timezone.utc)
@@ -452,7 +482,8 @@ def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any]) -> M
         feature_scaling=model.input_scaling,
         metrics=model.metrics,
         data={"dataset": model.dataset_name, "counts": model.counts, "fraud_rate": model.fraud_rate, **data},
-        training=model.training,
+        training={**model.training, "feature_range_margin": range_margin},
+        feature_ranges={n: list(r) for n, r in plausible_ranges(model.input_extremes, range_margin).items()},
     )
     staged: list[tuple[Path, bytes]] = [(model_dir / ONNX_FILE, model.onnx_model)]
     if model.anomaly_onnx:
@@ -476,4 +507,4 @@ def train_model(settings: Settings, dataset: Dataset, progress: bool = True, dat
     split = split_of(dataset, 0, settings.training, settings.data.seed)
     model = fit_fast_model(dataset, split, settings.training, settings.data.seed, progress=progress,
                            state=settings.state)
-    return write_model(model, settings.model.dir, data or {})
+    return write_model(model, settings.model.dir, data or {}, settings.validation.feature_range_margin)

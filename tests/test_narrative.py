@@ -81,3 +81,9 @@ def test_display_facts_are_exact_and_shared_with_the_summary(cases):
     ]
     case = cases[0]
     assert case.summary.startswith(", ".join(feature_facts(case.event_type, case.features, precise=True)))
+
+
+@pytest.mark.parametrize("amount", [1.7976931348623157e308, 1e308, 5e-324])
+def test_any_finite_amount_is_narrated(amount):
+    # round() overflows near the largest double: the narrative (and so indexing such a case) must not raise
+    assert event_narrative(EventType.PAYOUT, {"amount": amount, "account_age_days": -amount}, {}).startswith("Payout")

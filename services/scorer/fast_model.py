@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -47,6 +47,9 @@ class ScorerInfo:
     band_high: float
     provider: str  # the provider the session actually runs on
     provider_detail: str  # why (the GPU probe's line)
+    # plausible [low, high] per input feature, from the model card (training's extremes, widened); {} for a card
+    # written before cards declared ranges: the edge then holds every feature to its global bound only
+    feature_ranges: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False)
 
 
 class FastModel:
@@ -91,6 +94,7 @@ class FastModel:
             band_high=self.card.thresholds.band_high,
             provider=self._session.get_providers()[0],
             provider_detail=probe.detail,
+            feature_ranges=declared_feature_ranges(self.card),
         )
         log.info("fast model %s on %s (%s)", self.card.version, self.info.provider, probe.detail)
 
@@ -168,6 +172,21 @@ class FastModel:
             description=f"{description} ({name}={shown}) {direction} risk",
             weight=round(weight, 4),
         )
+
+
+def declared_feature_ranges(card: ModelCard) -> dict[str, tuple[float, float]]:
+    """The card's ``feature_ranges`` for its input features; a malformed entry is an unusable card."""
+    declared = (card.model_extra or {}).get("feature_ranges") or {}
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, bounds in declared.items():
+        try:
+            low, high = (float(b) for b in bounds)
+        except (TypeError, ValueError):
+            low = high = math.nan  # not a pair of numbers: refused below, naming the entry
+        if name not in card.feature_names or not low <= high:
+            raise ValueError(f"model {card.version}: feature_ranges[{name}] = {bounds} is not a range of an input")
+        ranges[name] = (low, high)
+    return ranges
 
 
 def _check_servable(card: ModelCard, layout: FeatureLayout) -> None:
