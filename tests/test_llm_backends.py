@@ -32,13 +32,23 @@ from tests.conftest import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.llm]
 
 REQUIRE_ENV = "RISKCASCADE_REQUIRE_LLM"
-SERVER_START_TIMEOUT_S = 60.0
+# Time limits, with at least 3x headroom over the slowest measured on this kind of machine (2 shared cores, load
+# 3-6): the tests check answers and contracts, not speed, so a limit only has to catch a hang.
+# - one whole answer (MESSAGES) took 6-29 s, the last of two concurrent SHORT calls 23 s; CI saw 17-31 s:
+ANSWER_TIMEOUT_S = 120.0
+SERVER_START_TIMEOUT_S = 60.0  # measured 2-3 s
 SERVER_STOP_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.1
 CUT_TOKENS = 3  # far too few for any complete answer
 TINY_TIMEOUT_S = 0.05  # shorter than evaluating the prompt alone
+# - a call returns this soon after a tiny timeout: measured 0.06-0.11 s (before the fix: 5 s for MESSAGES, and
+#   20-40 s for LONG, whose prompt evaluation could not be stopped):
+TIMEOUT_RETURN_BOUND_S = 2.0
+# - a short call right after an abandoned one answers within this: measured 1-2 s (before: it waited behind the
+#   abandoned prompt evaluation for 20-40 s):
+AFTER_ABANDONED_TIMEOUT_S = 15.0
 UNREACHABLE_ANSWER_S = 2.0  # a refused connection is reported this fast, well inside the call's timeout
-CONCURRENT_CALLS = 3
+CONCURRENT_CALLS = 2
 BACKENDS = ["llama_cpp", "openai_compatible"]
 
 SCHEMA = {
@@ -72,6 +82,14 @@ CASE = "\n".join(
     ]
 )
 MESSAGES = [ChatMessage(role=MessageRole.SYSTEM, content=SYSTEM), ChatMessage(role=MessageRole.USER, content=CASE)]
+# About 2,100 prompt tokens: evaluating them takes ~19 s on an idle machine here, far past any tiny timeout.
+LONG = [
+    ChatMessage(role=MessageRole.SYSTEM, content=SYSTEM),
+    ChatMessage(role=MessageRole.USER, content="\n".join(
+        f"Session event {i}: page view from IP 203.0.113.{i}, device fingerprint unchanged, locale de-DE."
+        for i in range(60)
+    )),
+]
 SHORT = [ChatMessage(role=MessageRole.USER, content="Order of 20 EUR by a customer of 5 years. Decide.")]
 
 
@@ -165,29 +183,42 @@ def _ask(backend: tuple[str, LLM], messages: list[ChatMessage], max_tokens: int,
 
 
 def test_answer_is_json_of_the_schema(backend: tuple[str, LLM], settings: LLMSettings) -> None:
-    answer = _ask(backend, MESSAGES, settings.max_output_tokens, settings.timeout_s)
+    answer = _ask(backend, MESSAGES, settings.max_output_tokens, ANSWER_TIMEOUT_S)
     assert answer.finish_reason == STOP, answer
     jsonschema.validate(json.loads(answer.text), SCHEMA)
 
 
 def test_answer_cut_at_max_tokens_reports_length(backend: tuple[str, LLM], settings: LLMSettings) -> None:
-    answer = _ask(backend, SHORT, CUT_TOKENS, settings.timeout_s)
+    answer = _ask(backend, SHORT, CUT_TOKENS, ANSWER_TIMEOUT_S)
     assert answer.finish_reason == LENGTH, answer
     with pytest.raises(json.JSONDecodeError):
         json.loads(answer.text)
 
 
 def test_answer_past_the_timeout_reports_timeout(backend: tuple[str, LLM], settings: LLMSettings) -> None:
+    """The call returns by its timeout, as the documented fallback, even though the prompt alone takes longer."""
     answer = _ask(backend, MESSAGES, settings.max_output_tokens, TINY_TIMEOUT_S)
     assert answer.finish_reason == TIMEOUT, answer
     assert not answer.complete
+    assert answer.seconds < TIMEOUT_RETURN_BOUND_S, answer
+
+
+def test_a_call_abandoned_at_its_deadline_stops_and_frees_the_model(llama_llm: LLM) -> None:
+    """llama_cpp: a tiny timeout on a long prompt returns at the deadline, and its generation stops there too
+    (aborted during the prompt evaluation), so the next call finds the model free instead of waiting behind it."""
+    abandoned = ask_for_json(llama_llm, LONG, SCHEMA, max_tokens=CUT_TOKENS, timeout_s=TINY_TIMEOUT_S,
+                             backend="llama_cpp")  # fmt: skip
+    assert abandoned.finish_reason == TIMEOUT and abandoned.seconds < TIMEOUT_RETURN_BOUND_S, abandoned
+    following = ask_for_json(llama_llm, SHORT, SCHEMA, max_tokens=CUT_TOKENS, timeout_s=AFTER_ABANDONED_TIMEOUT_S,
+                             backend="llama_cpp")  # fmt: skip
+    assert following.finish_reason == LENGTH, following
 
 
 def test_complete_answers_in_the_schema_too(backend: tuple[str, LLM], settings: LLMSettings) -> None:
     """LlamaIndex's completion entry point goes through the same constrained path."""
     _, llm = backend
     response = llm.complete(SHORT[0].content, json_schema=SCHEMA, max_tokens=settings.max_output_tokens,
-                            timeout_s=settings.timeout_s)  # fmt: skip
+                            timeout_s=ANSWER_TIMEOUT_S)  # fmt: skip
     jsonschema.validate(json.loads(response.text), SCHEMA)
 
 
@@ -197,7 +228,7 @@ def test_async_chat_keeps_the_contract(backend: tuple[str, LLM], settings: LLMSe
     _, llm = backend
 
     async def cut_then_late() -> tuple[str, str]:
-        cut = await llm.achat(SHORT, json_schema=SCHEMA, max_tokens=CUT_TOKENS, timeout_s=settings.timeout_s)
+        cut = await llm.achat(SHORT, json_schema=SCHEMA, max_tokens=CUT_TOKENS, timeout_s=ANSWER_TIMEOUT_S)
         try:
             late = await llm.achat(MESSAGES, json_schema=SCHEMA, max_tokens=settings.max_output_tokens,
                                    timeout_s=TINY_TIMEOUT_S)  # fmt: skip
@@ -213,7 +244,7 @@ def test_concurrent_calls_each_get_a_whole_answer(backend: tuple[str, LLM], sett
     answers: list[ModelAnswer] = []
 
     def call() -> None:
-        answers.append(_ask(backend, SHORT, settings.max_output_tokens, settings.timeout_s))
+        answers.append(_ask(backend, SHORT, settings.max_output_tokens, ANSWER_TIMEOUT_S))
 
     threads = [threading.Thread(target=call) for _ in range(CONCURRENT_CALLS)]
     for thread in threads:

@@ -9,6 +9,7 @@ had arrived by the decided event's time (``decided_at``), so no evidence carries
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -141,15 +142,21 @@ class SimilarCaseAgent:
 
 
 class PolicyAgent:
-    """Passages of the written policy: for the risk types the case evidence points at, else for any."""
+    """Passages of the written policy: for the risk types the case evidence points at, else for any.
+
+    It runs in worker threads, one search at a time: the library's engine (an Edge shard, a qdrant-client) is
+    used by one thread at a time, as the case memory uses its own.
+    """
 
     def __init__(self, library: PolicyLibrary, top_k: int):
         self._library = library
         self._top_k = top_k
+        self._engine = threading.Lock()
 
     def run(self, narrative: str, risk_types: Sequence[str]) -> Findings:
         query = narrative + (f" Suspected: {', '.join(t.replace('_', ' ') for t in risk_types)}." if risk_types else "")
-        passages = self._library.search(query, self._top_k, risk_types=list(risk_types) or None)
+        with self._engine:
+            passages = self._library.search(query, self._top_k, risk_types=list(risk_types) or None)
         items = tuple(
             EvidenceItem(
                 id=evidence_id(EvidenceKind.POLICY, p.chunk_id),

@@ -6,6 +6,9 @@ verdict may cite; free text from the event is data, never instructions (see prom
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,6 +44,24 @@ ID_PREFIX = {
 
 def evidence_id(kind: str, key: str) -> str:
     return f"{ID_PREFIX[kind]}:{key}"
+
+
+NARRATABLE_MAX = sys.float_info.max / 2
+"""Largest feature magnitude the reasoner writes a narrative from. ``retrieval.narrative`` rounds numbers to two
+significant digits, which can round up by under 5 %: past the largest double for the very largest values
+(OverflowError). Below this bound every value reads as it is."""
+
+
+def narratable_features(features: Mapping[str, float]) -> dict[str, float]:
+    """``features`` with finite magnitudes above ``NARRATABLE_MAX`` read as ``NARRATABLE_MAX`` (sign kept); missing
+    and non-finite values are left as they are (the narrative leaves them out)."""
+    return {name: _narratable(value) for name, value in features.items()}
+
+
+def _narratable(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return value
+    return max(-NARRATABLE_MAX, min(float(value), NARRATABLE_MAX))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ APPROVE below ``approve_at``, REVIEW between. The risk type is the one with the 
 The trusts were set on the validation split when retrieval had no time bound and the fast model no outcome
 features; with time-bound retrieval and outcome features in the fast model no setting lifts the cascade above the
 fast model on validation (reports/cascade-valid/README.md), so they stay as they were. Nothing is canned or random.
+
+Any finite input gives a finite answer: a prior outside [0, 1] is read as the nearest bound, a similarity outside
+[-1, 1] (a cosine) as the nearest bound, and the posterior's log-odds stay within those of
+[``PROBABILITY_FLOOR``, 1 − ``PROBABILITY_FLOOR``], so no trust setting, however large, overflows.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ class Weighing:
 def item_weight(item: EvidenceItem, settings: ReasonerSettings) -> float:
     """The item's weight inside its kind (0 = it does not count)."""
     if item.kind in (EvidenceKind.SIMILAR_CASE, EvidenceKind.NARRATIVE_CASE):
-        return max(item.similarity, 0.0) ** 2 if item.similarity >= settings.min_similarity else 0.0
+        similarity = _bounded(item.similarity, -1.0, 1.0)  # a cosine; squaring a huge value would overflow
+        return max(similarity, 0.0) ** 2 if similarity >= settings.min_similarity else 0.0
     if item.kind in (EvidenceKind.ENTITY_HISTORY, EvidenceKind.NEIGHBOUR_CASE):
         return 1.0
     return 0.0  # policy passages inform the action, not the probability
@@ -69,12 +74,25 @@ def kind_trust(kind: str, settings: ReasonerSettings) -> float:
     }.get(kind, 0.0)
 
 
+def _bounded(value: float, low: float, high: float) -> float:
+    """``value`` within [low, high]; NaN (no number at all) reads as ``low``."""
+    return low if math.isnan(value) else min(max(value, low), high)
+
+
 def _logit(p: float) -> float:
-    p = min(max(p, PROBABILITY_FLOOR), 1.0 - PROBABILITY_FLOOR)
+    p = _bounded(p, PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
     return math.log(p / (1.0 - p))
 
 
+LOG_ODDS_LIMIT = _logit(1.0 - PROBABILITY_FLOOR)  # the posterior's log-odds stay within ±this
+
+
+def _sigmoid(log_odds: float) -> float:
+    return 1.0 / (1.0 + math.exp(-_bounded(log_odds, -LOG_ODDS_LIMIT, LOG_ODDS_LIMIT)))
+
+
 def weigh(prior: float, items: Sequence[EvidenceItem], settings: ReasonerSettings) -> Weighing:
+    prior = _bounded(prior, 0.0, 1.0)  # a probability; a score outside [0, 1] reads as the nearest bound
     per_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # kind -> [fraud weight, total weight]
     fraud_w = legit_w = 0.0
     used = 0
@@ -97,14 +115,17 @@ def weigh(prior: float, items: Sequence[EvidenceItem], settings: ReasonerSetting
         else:
             legit_w += w
     a = settings.prior_weight
-    log_odds = _logit(prior)
+    moves: list[float] = []
     confidence = 0.0
     for kind, (fraud, total) in per_kind.items():
         share = (a * prior + fraud) / (a + total)
         trust = kind_trust(kind, settings)
-        log_odds += trust * (_logit(share) - _logit(prior))
-        confidence += trust * total / (total + a)
-    posterior = 1.0 / (1.0 + math.exp(-log_odds))
+        moves.append(trust * (_logit(share) - _logit(prior)))
+        confidence += trust * (total / (total + a))
+    move = sum(moves)
+    if math.isnan(move):  # huge trusts made moves of +inf and -inf: those kinds cancel out, the rest still count
+        move = sum(m for m in moves if math.isfinite(m))
+    posterior = _sigmoid(_logit(prior) + move)
     confidence = min(1.0, confidence)
     if settings.min_cases and used < settings.min_cases:
         confidence *= used / settings.min_cases

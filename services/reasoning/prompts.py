@@ -6,12 +6,16 @@ long text is cut to ``LLMSettings.max_prompt_chars``. The instructions say the b
 instructions found inside it are to be ignored; the answer is constrained to the case's JSON schema, so even a
 model that is swayed can only pick among the schema's values and cite retrieved evidence, and the reflection
 step checks the verdict against that evidence and the policy.
+
+``build_messages(..., quote_free_text=False)`` switches the quoting off: the event's free text is pasted raw after
+the data block, as a naive prompt would. It exists to measure what the quoting prevents (tests), never to serve.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
@@ -65,10 +69,19 @@ def render_case_data(data: dict[str, Any]) -> str:
     return f"{OPEN}\n{encoded}\n{CLOSE}"
 
 
-def build_messages(case: CaseFile, max_text_chars: int) -> list[ChatMessage]:
+def build_messages(case: CaseFile, max_text_chars: int, quote_free_text: bool = True) -> list[ChatMessage]:
+    """The system instructions and the case as one user message. ``quote_free_text=False`` (the defence off, to
+    measure it) leaves the free text out of the data block and appends it raw, unescaped and uncut."""
+    if quote_free_text:
+        return [
+            ChatMessage(role=MessageRole.SYSTEM, content=INSTRUCTIONS),
+            ChatMessage(role=MessageRole.USER, content=render_case_data(case_data(case, max_text_chars))),
+        ]
+    data = case_data(replace(case, free_text={}), max_text_chars)
+    raw = "".join(f"\n{name}: {text}" for name, text in sorted(case.free_text.items()))
     return [
         ChatMessage(role=MessageRole.SYSTEM, content=INSTRUCTIONS),
-        ChatMessage(role=MessageRole.USER, content=render_case_data(case_data(case, max_text_chars))),
+        ChatMessage(role=MessageRole.USER, content=render_case_data(data) + raw),
     ]
 
 

@@ -63,8 +63,9 @@ class ReasoningService:
         return self.memory.count()
 
     def close(self) -> None:
-        """Finish the writes already made, then release the indexes."""
+        """Finish the writes and reviews' calls already made, then release the indexes."""
         self._writer.shutdown(wait=True)
+        self.workflow.close()
         self.memory.close()
         self.library.close()
 

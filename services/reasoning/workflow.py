@@ -9,16 +9,27 @@
 (recorded, never raised) on a malformed, looping, late or failed answer; ``reflection`` checks the verdict against
 the evidence and the policy. Every step is a span in the caller's trace and a ``ReasoningStep`` on the verdict.
 
-The case agents run in worker threads: the case memory serialises its engine behind a lock that a feedback write
-(``ReasoningService.add_case``) may hold, and waiting for it must not stall the event loop.
+Nothing that blocks runs on the event loop: the three agents (case memory and policy queries, the text embedding,
+and waiting for the case memory's engine lock, which a feedback write may hold) run in the workflow's retrieval
+threads (``ReasonerSettings.retrieval_threads``), the model call in its model-call threads
+(``LLMSettings.call_threads``), awaited for no longer than its timeout. The steps themselves only build small
+objects, so the two case agents really run side by side and other requests' steps keep moving meanwhile.
+``close()`` ends the threads.
+
+Any finite input gives a verdict: features too large to narrate are narrated at ``NARRATABLE_MAX`` (see
+case_file.py), the weighing bounds its inputs (evidence_weighing.py), and a fallback's score is the fast score
+within [0, 1].
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from llama_index.core.llms import LLM
 from workflows import Context, Workflow, step
@@ -29,15 +40,16 @@ from riskcascade.config import LLMSettings, ReasonerSettings, ReflectionSettings
 from riskcascade.domain import Action, ReasonCode, ReasonerVerdict, ReasoningRequest, ReasoningStep
 from riskcascade.telemetry import span
 from services.reasoning.agents import PolicyAgent, SimilarCaseAgent, StructuredDataAgent, suspected_risk_types
-from services.reasoning.case_file import CaseFile, EvidenceItem
+from services.reasoning.case_file import CaseFile, EvidenceItem, narratable_features
 from services.reasoning.evidence_weighing import weigh
-from services.reasoning.llm.base import ModelAnswer, ask_for_json
+from services.reasoning.llm.base import ModelAnswer, ask_for_json_off_loop
 from services.reasoning.prompts import build_messages
 from services.reasoning.reflection import reflect
 from services.reasoning.schema import VerdictDraft, VerdictRejected, parse_verdict, verdict_json_schema
 
 STEP_NAMES = ("plan", "structured_data", "similar_cases", "policy_search", "reasoning", "reflection")
 MAX_POLICY_RISK_TYPES = 2  # policies of at most this many suspected risk types are searched
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,9 @@ class CaseReviewConfig:
     reasoner: ReasonerSettings
     reflection: ReflectionSettings
     backend: str  # name recorded on the verdict
+    # The prompt-injection defences, on unless switched off to measure what they prevent (tests; never served):
+    quote_free_text: bool = True  # the event's free text JSON-quoted inside the case data block (prompts.py)
+    reflect: bool = True  # the reflection step checks the draft against the evidence and the policy
 
 
 # -- events -----------------------------------------------------------------------------------------------------
@@ -113,6 +128,18 @@ class CaseReviewWorkflow(Workflow):
         self._policy = policy
         self._llm = llm
         self._config = config
+        self._retrieval = ThreadPoolExecutor(config.reasoner.retrieval_threads, thread_name_prefix="reasoner-retrieval")
+        self._model_calls = ThreadPoolExecutor(config.llm.call_threads, thread_name_prefix="reasoner-model-call")
+
+    def close(self) -> None:
+        """End the worker threads once the calls already made have finished."""
+        self._retrieval.shutdown(wait=True)
+        self._model_calls.shutdown(wait=True)
+
+    async def _retrieve(self, call: Callable[..., T], *args: object) -> T:
+        """``call(*args)`` in a retrieval thread, with the caller's trace context."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._retrieval, context.run, call, *args)
 
     async def review(self, request: ReasoningRequest, carrier: dict[str, str]) -> ReasonerVerdict:
         """Run the workflow for one case within its budget. Never raises for a model's failure."""
@@ -125,7 +152,7 @@ class CaseReviewWorkflow(Workflow):
         started = time.perf_counter()
         with span("reasoner.plan", carrier=ev.carrier, budget_ms=request.budget_ms):
             event = request.event
-            narrative = event_narrative(event.event_type, event.features, event.text)
+            narrative = event_narrative(event.event_type, narratable_features(event.features), event.text)
             record = ReasoningStep(
                 "plan",
                 f"{event.event_type.value} event, fast score {request.fast_score.score:.3f}, "
@@ -142,7 +169,7 @@ class CaseReviewWorkflow(Workflow):
     async def structured_data(self, ev: StructuredDataTask) -> StructuredDataFound:
         started = time.perf_counter()
         with span("reasoner.structured_data", carrier=ev.carrier) as current:
-            found = await asyncio.to_thread(self._structured.run, ev.request.event)
+            found = await self._retrieve(self._structured.run, ev.request.event)
             current.set_attribute("evidence.count", len(found.items))
         return StructuredDataFound(
             found=found.items, step_record=ReasoningStep("structured_data", found.outcome, _ms(started))
@@ -152,7 +179,7 @@ class CaseReviewWorkflow(Workflow):
     async def similar_cases(self, ev: SimilarCasesTask) -> SimilarCasesFound:
         started = time.perf_counter()
         with span("reasoner.similar_cases", carrier=ev.carrier) as current:
-            found = await asyncio.to_thread(self._similar.run, ev.request.event, ev.narrative)
+            found = await self._retrieve(self._similar.run, ev.request.event, ev.narrative)
             current.set_attribute("evidence.count", len(found.items))
         return SimilarCasesFound(
             found=found.items, step_record=ReasoningStep("similar_cases", found.outcome, _ms(started))
@@ -171,7 +198,7 @@ class CaseReviewWorkflow(Workflow):
         started = time.perf_counter()
         with span("reasoner.policy_search", carrier=planned.carrier) as current:
             risk_types = suspected_risk_types(case_items, MAX_POLICY_RISK_TYPES)
-            found = self._policy.run(planned.narrative, risk_types)
+            found = await self._retrieve(self._policy.run, planned.narrative, risk_types)
             current.set_attribute("evidence.count", len(found.items))
         request = planned.request
         case = CaseFile(
@@ -196,10 +223,10 @@ class CaseReviewWorkflow(Workflow):
             shown = ev.case.for_prompt(cfg.llm.max_prompt_evidence)
             ids = shown.evidence_ids
             timeout_s = min(cfg.llm.timeout_s, max(0.0, ev.planned.deadline - time.monotonic()))
-            answer: ModelAnswer = await asyncio.to_thread(
-                ask_for_json,
+            answer: ModelAnswer = await ask_for_json_off_loop(
+                self._model_calls,
                 self._llm,
-                build_messages(shown, cfg.llm.max_prompt_chars),
+                build_messages(shown, cfg.llm.max_prompt_chars, cfg.quote_free_text),
                 verdict_json_schema(ids),
                 cfg.llm.max_output_tokens,
                 timeout_s,
@@ -231,6 +258,9 @@ class CaseReviewWorkflow(Workflow):
             if ev.draft is None:
                 verdict = _fallback(case, request, ev.failure, cfg)
                 note = "no draft to check (fallback)"
+            elif not cfg.reflect:
+                verdict = _verdict(ev.draft, Action(ev.draft.action), ev.draft.risk_type, (), case, cfg)
+                note = "reflection switched off: the draft stands unchecked"
             else:
                 checked = reflect(ev.draft, case, weighing, cfg.reasoner, cfg.reflection)
                 verdict = _verdict(ev.draft, checked.action, checked.risk_type, checked.notes, case, cfg)
@@ -285,7 +315,7 @@ def _fallback(case: CaseFile, request: ReasoningRequest, failure: str, cfg: Case
     # The fast score stands as the score: a failed model added no information, and nothing here pretends it did.
     return ReasonerVerdict(
         action=Action.REVIEW,
-        score=request.fast_score.score,
+        score=min(max(request.fast_score.score, 0.0), 1.0),  # a probability, whatever the scorer sent
         confidence=0.0,
         rationale=f"reasoning fell back to review: {failure}",
         reasons=(ReasonCode("REASONER_FALLBACK", failure, 0.0),),

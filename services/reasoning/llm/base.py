@@ -13,13 +13,21 @@ through LlamaIndex's chat interface, with three keyword arguments every backend 
 The backend reports why it stopped in ``ChatResponse.additional_kwargs["finish_reason"]`` (``"stop"``,
 ``"length"`` or ``"timeout"``). ``ask_for_json`` turns every way a call can fail into a ``ModelAnswer`` so the
 reasoning step can fall back to REVIEW with the reason recorded, never raise to the caller.
+``ask_for_json_off_loop`` is the same call for an event loop: it runs in a given bounded thread pool and is waited
+for no longer than its timeout, so a backend that overruns (or a pool with no thread free) costs the loop nothing
+and the caller no more than ``timeout_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage
@@ -66,3 +74,31 @@ def ask_for_json(
     if reason == STOP and seconds > timeout_s:
         reason = TIMEOUT  # a backend that cannot be interrupted still answered too late
     return ModelAnswer(text, reason, seconds, backend)
+
+
+def bounded_wait(timeout_s: float) -> float:
+    """``timeout_s`` as a thread wait accepts it: waits longer than ``threading.TIMEOUT_MAX`` raise OverflowError."""
+    return min(max(timeout_s, 0.0), threading.TIMEOUT_MAX)
+
+
+async def ask_for_json_off_loop(
+    executor: Executor,
+    llm: LLM,
+    messages: Sequence[ChatMessage],
+    schema: dict[str, Any],
+    max_tokens: int,
+    timeout_s: float,
+    backend: str,
+) -> ModelAnswer:
+    """``ask_for_json`` in a thread of ``executor``, awaited for at most ``timeout_s``; never raises for a failing,
+    late or stuck model. A call still queued at the timeout is cancelled; one still running is left to the
+    backend's own timeout (its result is dropped)."""
+    started = time.perf_counter()
+    call = partial(ask_for_json, llm, messages, schema, max_tokens, timeout_s, backend)
+    context = contextvars.copy_context()  # the caller's trace context, as asyncio.to_thread would carry it
+    pending = asyncio.get_running_loop().run_in_executor(executor, context.run, call)
+    try:
+        return await asyncio.wait_for(pending, timeout=bounded_wait(timeout_s))
+    except asyncio.TimeoutError:
+        seconds = time.perf_counter() - started
+        return ModelAnswer("", TIMEOUT, seconds, backend, f"no answer within {timeout_s:.2f} s (stopped waiting)")
