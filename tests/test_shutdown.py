@@ -54,7 +54,13 @@ def test_ctrl_c_stops_the_whole_process_group_cleanly(tmp_path, otlp_receiver, p
     from tests.conftest import start_platform, write_platform_config
 
     assert platform.process.poll() is not None, "runs after the session's platform has stopped"
-    running = start_platform(write_platform_config(tmp_path, otlp_receiver.endpoint), tmp_path, new_session=True)
+    # the stopped session platform's model, data and case index serve again: nothing to train or index here
+    config = write_platform_config(
+        tmp_path, otlp_receiver.endpoint,
+        model={"dir": str(platform.workdir / "model")}, data={"dir": str(platform.workdir / "data")},
+        retrieval={"edge_path": str(platform.workdir / "edge")},
+    )
+    running = start_platform(config, tmp_path, new_session=True)
     children = descendants(running.process.pid)
     assert children
     os.killpg(running.process.pid, signal.SIGINT)
