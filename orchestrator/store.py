@@ -207,8 +207,7 @@ class DecisionStore:
                 (record.action, record.risk_score, record.decided_by, int(record.degraded), record.decided_at,
                  record.payload, record.event, record.request_id, record.fingerprint),
             )
-            row = conn.execute("SELECT * FROM decisions WHERE request_id=?", (record.request_id,)).fetchone()
-            return _decision_from_row(row), cur.rowcount == 1
+            return _select_decision(conn, record.request_id), cur.rowcount == 1
         exists = conn.execute("SELECT 1 FROM decisions WHERE request_id=?", (record.request_id,)).fetchone()
         if exists is None:
             raise KeyError(record.request_id)
@@ -227,8 +226,7 @@ class DecisionStore:
     def get_decision(self, request_id: str) -> DecisionRecord | None:
         """Blocking read, for threads and tools; an event loop uses ``aget_decision``."""
         with self._reader_lock:
-            row = self._reader.execute("SELECT * FROM decisions WHERE request_id=?", (request_id,)).fetchone()
-        return _decision_from_row(row) if row else None
+            return _select_decision(self._reader, request_id)
 
     async def aget_decision(self, request_id: str) -> DecisionRecord | None:
         """The stored decision of ``request_id``, read in the store's read pool (never on the event loop)."""
@@ -240,8 +238,7 @@ class DecisionStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
-        row = conn.execute("SELECT * FROM decisions WHERE request_id=?", (request_id,)).fetchone()
-        return _decision_from_row(row) if row else None
+        return _select_decision(conn, request_id)
 
     def feedback_for(self, request_id: str) -> list[FeedbackRecord]:
         with self._reader_lock:
@@ -273,6 +270,11 @@ def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_result(value)
     else:
         future.set_exception(value)
+
+
+def _select_decision(conn: sqlite3.Connection, request_id: str) -> DecisionRecord | None:
+    row = conn.execute("SELECT * FROM decisions WHERE request_id=?", (request_id,)).fetchone()
+    return _decision_from_row(row) if row else None
 
 
 def _decision_from_row(row: tuple) -> DecisionRecord:
