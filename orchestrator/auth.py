@@ -14,7 +14,7 @@ each known client and stores only the SHA-256 of its token::
         token_sha256: 77aa...
         methods: [risk.v1.DecisionService/GetDecision]   # single methods, besides or instead of roles
 
-Roles: ``decide`` = Decide, DecideBatch, GetDecision, GetServiceInfo; ``feedback`` = SubmitFeedback; ``admin`` =
+Roles: ``decide`` = Decide, DecideBatch, DecideStream, GetDecision, GetServiceInfo; ``feedback`` = SubmitFeedback; ``admin`` =
 every method. Every known client may also use server reflection and health checking; health answers without a
 token while ``security.public_health`` is on (Kubernetes probes send none).
 
@@ -55,7 +55,8 @@ DECISION_METHODS = frozenset(f"/{_DECISION.full_name}/{m.name}" for m in _DECISI
 Role = Literal["decide", "feedback", "admin"]
 ROLE_METHODS: dict[str, frozenset[str] | None] = {  # None: every method
     "decide": frozenset(
-        f"/{_DECISION.full_name}/{name}" for name in ("Decide", "DecideBatch", "GetDecision", "GetServiceInfo")
+        f"/{_DECISION.full_name}/{name}"
+        for name in ("Decide", "DecideBatch", "DecideStream", "GetDecision", "GetServiceInfo")
     ),
     "feedback": frozenset({f"/{_DECISION.full_name}/SubmitFeedback"}),
     "admin": None,

@@ -156,7 +156,7 @@ async def run_platform(settings: Settings) -> None:
         if settings.ray.deploy_on_start:
             deploy_serve_config(serve_config_with_settings(settings))
         await wait_running(apps, settings.ray.start_timeout_s)
-        scorer = ServeScorerStage(serve.get_app_handle(settings.ray.scorer_app))
+        scorer = ServeScorerStage(serve.get_app_handle(settings.ray.scorer_app), settings.batching)
         reasoner = ServeReasonerStage(serve.get_app_handle(settings.ray.reasoner_app))
         info = await scorer.info(INFO_TIMEOUT_S)
         esc = settings.escalation
@@ -182,7 +182,7 @@ async def run_platform(settings: Settings) -> None:
         )
         store = DecisionStore(
             settings.store.sqlite_path, settings.store.synchronous, settings.store.max_group_commit,
-            settings.store.max_pending_writes, settings.store.read_threads,
+            settings.store.max_pending_writes, settings.store.read_threads, settings.store.max_read_batch,
         )
         service_info = pb.ServiceInfo(
             model_version=info.model_version,

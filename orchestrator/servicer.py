@@ -115,6 +115,52 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             await context.abort_with_status(grpc_status(exc))
         return pb.DecideBatchResponse(results=results)
 
+    async def DecideStream(self, request_iterator, context: grpc.aio.ServicerContext):  # noqa: ANN001
+        """One result per streamed request, in the order decisions finish. Items are independent events: each has
+        its own deadline (the per-item deadline, capped by the call's), escalation budget and admission; at most
+        ``max_stream_in_flight`` of this stream's items are decided at once, and the stream is not read further
+        until one finishes, so a fast client is slowed by flow control instead of queueing without bound."""
+        call_remaining = context.time_remaining()
+        call_deadline = time.monotonic() + call_remaining if call_remaining is not None else float("inf")
+        item_s = self._settings.stream_item_deadline_ms / 1000.0
+        slots = asyncio.Semaphore(self._settings.max_stream_in_flight)
+        results: asyncio.Queue[pb.DecideBatchResult | None] = asyncio.Queue()
+        items: set[asyncio.Task] = set()
+
+        async def one(item: pb.DecideRequest) -> None:
+            try:
+                try:
+                    with self._admit(1):
+                        deadline = min(time.monotonic() + item_s, call_deadline)
+                        decision = await self._decide(item, deadline)
+                    result = pb.DecideBatchResult(request_id=item.request_id, decision=decision)
+                except (ApiError, InvalidField) as exc:
+                    result = _item_error(item.request_id, api_error(exc))
+                except Exception as exc:  # noqa: BLE001 - a bug in one item must not end everyone's stream
+                    log.exception("stream item %r failed", item.request_id)
+                    result = _item_error(item.request_id, ApiError(grpc.StatusCode.INTERNAL, f"internal error: {exc}"))
+                results.put_nowait(result)
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            async for item in request_iterator:
+                await slots.acquire()
+                task = asyncio.get_running_loop().create_task(one(item))
+                items.add(task)
+                task.add_done_callback(items.discard)
+            await asyncio.gather(*items)
+            results.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (result := await _next_result(results, reader)) is not None:
+                yield result
+        finally:
+            reader.cancel()
+            for task in list(items):
+                task.cancel()  # the decisions themselves run on as flights: stored, and a retry gets them
+
     async def SubmitFeedback(
         self, request: pb.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitFeedbackResponse:
@@ -221,11 +267,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             decision = await self._decide(item, deadline, prefix=f"requests[{index}].", call=call)
             return pb.DecideBatchResult(request_id=item.request_id, decision=decision)
         except (ApiError, InvalidField) as exc:
-            err = api_error(exc)
-            return pb.DecideBatchResult(
-                request_id=item.request_id,
-                error=pb.ItemError(code=err.code.value[0], message=err.message, field=err.field),
-            )
+            return _item_error(item.request_id, api_error(exc))
 
     async def _decide(
         self, request: pb.DecideRequest, deadline: float, prefix: str = "", call: CallBudget | None = None
@@ -315,6 +357,31 @@ class _Admission:
 
     def __exit__(self, *exc: object) -> None:
         self._servicer._active -= self._n
+
+
+def _item_error(request_id: str, err: ApiError) -> pb.DecideBatchResult:
+    return pb.DecideBatchResult(
+        request_id=request_id, error=pb.ItemError(code=err.code.value[0], message=err.message, field=err.field)
+    )
+
+
+async def _next_result(
+    results: asyncio.Queue[pb.DecideBatchResult | None], reader: asyncio.Task
+) -> pb.DecideBatchResult | None:
+    """The next finished item; None once the client has closed its side and every item is answered. A reader
+    that failed (the client's stream broke) ends the call with its error."""
+    getter = asyncio.ensure_future(results.get())
+    try:
+        await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        getter.cancel()
+        raise
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    if reader.exception() is not None:
+        raise reader.exception()
+    return await results.get()  # the reader finished: its sentinel (or the last results) is queued
 
 
 def _check_same(stored: DecisionRecord, request_fingerprint: str) -> None:

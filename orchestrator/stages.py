@@ -11,7 +11,9 @@ import dataclasses
 
 from ray.serve.handle import DeploymentHandle
 
+from orchestrator.batching import BatchTimeout, MicroBatcher
 from orchestrator.cascade import NoTimeLeft, StageError
+from riskcascade.config import BatchingSettings
 from riskcascade.domain import (
     AdjudicatedCase,
     FastScore,
@@ -41,13 +43,33 @@ async def _call(stage: str, method, argument, timeout_s: float):
 
 
 class ServeScorerStage:
-    def __init__(self, handle: DeploymentHandle):
+    """The fast model behind a handle. With ``batching.coalesce`` concurrent score calls share one
+    ``score_many`` handle call (orchestrator/batching.py); otherwise each makes its own ``score`` call."""
+
+    def __init__(self, handle: DeploymentHandle, batching: BatchingSettings | None = None):
         self._handle = handle
+        batching = batching or BatchingSettings()
+        self.batcher: MicroBatcher[ScoreRequest, FastScore] | None = None
+        if batching.coalesce:
+            self.batcher = MicroBatcher(self._score_many, batching.max_batch_size, batching.max_batches_in_flight)
 
     async def score(self, request: ScoreRequest, timeout_s: float) -> FastScore:
         with span("stage.fast_model", request_id=request.request_id):
             request = dataclasses.replace(request, trace_carrier=inject_context())
-            return await _call("fast model", self._handle.score, request, timeout_s)
+            if self.batcher is None:
+                return await _call("fast model", self._handle.score, request, timeout_s)
+            if timeout_s <= 0:
+                raise NoTimeLeft("fast model: no time left before the deadline")
+            try:
+                return await self.batcher.submit(request, timeout_s)
+            except BatchTimeout:
+                raise StageError(f"fast model: no answer within {timeout_s * 1000:.0f} ms") from None
+
+    async def _score_many(self, requests: list[ScoreRequest], timeout_s: float) -> list[FastScore]:
+        # the batch span continues the first call's trace and links the others'; the replica continues it
+        with span("stage.fast_model_batch", links=[r.trace_carrier for r in requests[1:]], batch_size=len(requests)):
+            first = dataclasses.replace(requests[0], trace_carrier=inject_context())
+            return await _call("fast model", self._handle.score_many, [first, *requests[1:]], timeout_s)
 
     async def info(self, timeout_s: float) -> ScorerInfo:
         return await asyncio.wait_for(self._handle.info.remote(), timeout=timeout_s)

@@ -28,7 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
+
+from orchestrator.batching import MicroBatcher
+
+# SQLite's default limit on host parameters in one statement is 32766 (999 before 3.32): stay well under both
+_MAX_QUERY_PARAMETERS = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -97,6 +103,7 @@ class DecisionStore:
         max_group_commit: int = 256,
         max_pending_writes: int = 4096,
         read_threads: int = 2,
+        max_read_batch: int = 256,
     ):
         self._path = Path(path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +114,9 @@ class DecisionStore:
         self._reader_lock = threading.Lock()
         self._local = threading.local()
         self._read_pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="decision-store-read")
+        self._reads: MicroBatcher[str, DecisionRecord | None] = MicroBatcher(
+            self.aget_decisions, max_batch_size=max_read_batch, max_in_flight=read_threads
+        )
         self._closed = False
         writer = self._connect()
         writer.executescript(_SCHEMA)
@@ -229,16 +239,38 @@ class DecisionStore:
             return _select_decision(self._reader, request_id)
 
     async def aget_decision(self, request_id: str) -> DecisionRecord | None:
-        """The stored decision of ``request_id``, read in the store's read pool (never on the event loop)."""
+        """The stored decision of ``request_id``, read in the store's read pool (never on the event loop).
+        Concurrent reads share one query (``aget_decisions``): one thread hop per batch, not per read."""
         if self._closed:
             raise StoreClosedError("decision store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._read_pool, self._pooled_read, request_id)
+        return await self._reads.submit(request_id, None)
 
-    def _pooled_read(self, request_id: str) -> DecisionRecord | None:
+    async def aget_decisions(self, request_ids: Sequence[str], _timeout_s: float | None = None,
+                             ) -> list[DecisionRecord | None]:
+        """The stored decisions of ``request_ids`` (None where there is none), in order, with one query in the read
+        pool (the servicer coalesces concurrent reads into it; the unused second argument is the batcher's
+        timeout: a read has no limit of its own)."""
+        if self._closed:
+            raise StoreClosedError("decision store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._read_pool, self._pooled_reads, request_ids)
+
+    def _pooled_reads(self, request_ids: Sequence[str]) -> list[DecisionRecord | None]:
+        conn = self._pooled_connection()
+        found: dict[str, DecisionRecord] = {}
+        unique = list(dict.fromkeys(request_ids))
+        for start in range(0, len(unique), _MAX_QUERY_PARAMETERS):
+            chunk = unique[start:start + _MAX_QUERY_PARAMETERS]
+            rows = conn.execute(
+                f"SELECT * FROM decisions WHERE request_id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+            found.update((row[0], _decision_from_row(row)) for row in rows)
+        return [found.get(request_id) for request_id in request_ids]
+
+    def _pooled_connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
-        return _select_decision(conn, request_id)
+        return conn
 
     def feedback_for(self, request_id: str) -> list[FeedbackRecord]:
         with self._reader_lock:

@@ -53,10 +53,34 @@ class ServerSettings(_Section):
     shed_retry_after_ms: int = Field(
         200, ge=0, description="retry hint (google.rpc.RetryInfo and retry-after-ms metadata) sent when shedding"
     )
+    stream_item_deadline_ms: float = Field(
+        2000.0, gt=0, description="deadline of each DecideStream item (capped by the stream call's own deadline)"
+    )
+    max_stream_in_flight: int = Field(
+        256, ge=1,
+        description="items of one DecideStream decided at once; the server reads no further requests of that "
+        "stream until one finishes (flow control back to the client)",
+    )
     ready_file: Path | None = Field(
         None, description="file written with the bound port once the server is serving"
     )
     pid_file: Path = Field(Path("var/riskcascade.pid"), description="pid of the running platform, for `down`")
+
+
+class BatchingSettings(_Section):
+    """How the orchestrator coalesces concurrent fast-model calls into one Serve handle call."""
+
+    coalesce: bool = Field(
+        True,
+        description="send the fast-model calls that are waiting together as one handle call (a lone call goes "
+        "at once, never waiting for company); off = one handle call per decision",
+    )
+    max_batch_size: int = Field(128, ge=1, description="most events in one fast-model handle call")
+    max_batches_in_flight: int = Field(
+        2, ge=1,
+        description="fast-model batch calls outstanding at once; calls arriving meanwhile wait and form the "
+        "next batch (with one scorer replica, 2 keeps it busy while the next batch forms)",
+    )
 
 
 class RaySettings(_Section):
@@ -87,6 +111,13 @@ class ModelSettings(_Section):
     dir: Path = Field(Path("var/model"), description="folder with model.onnx, model.lgb.txt and model.json")
     onnx_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per scorer replica")
     reason_count: int = Field(3, ge=0, description="reason codes the fast path returns")
+    reasons_for: Literal["at_risk", "all"] = Field(
+        "at_risk",
+        description="which decisions get per-feature TreeSHAP reason codes: 'at_risk' = events scored at or above "
+        "the band's low edge (reviews, blocks, escalations: what reviewers, the reasoner and blocked users read); "
+        "the approvals below it get one SCORE_BELOW_BAND code naming their score. 'all' = every event (TreeSHAP is "
+        "most of a row's scoring cost)",
+    )
     prefer_gpu: bool = Field(True, description="use onnxruntime's CUDA provider when a probe finds a GPU")
     reported_state_features: tuple[str, ...] = Field(
         (
@@ -111,6 +142,31 @@ class CostSettings(_Section):
     missed_fraud: float = Field(20.0, gt=0, description="approving one fraudulent event")
     wrong_block: float = Field(10.0, gt=0, description="blocking one legitimate event")
     review: float = Field(1.0, gt=0, description="escalating one event to the reasoner")
+
+
+class PricingSettings(_Section):
+    """What compute costs in money, for the cost per 1,000 decisions (loadtest/cost.py, loadtest/band_sweep.py).
+
+    Illustrative defaults, to be set by the operator to their own prices: an on-demand cloud vCPU-hour and a small
+    hosted LLM's list price per token."""
+
+    fast_path_usd_per_cpu_hour: float = Field(
+        0.045, ge=0, allow_inf_nan=False,
+        description="price of one CPU-hour of the fast path (orchestrator and scorer cores), in USD; illustrative",
+    )
+    reasoner_usd_per_cpu_hour: float = Field(
+        0.045, ge=0, allow_inf_nan=False,
+        description="price of one CPU-hour of the reasoner's cores (workflow, retrieval, embedding), in USD; "
+        "illustrative",
+    )
+    llm_input_usd_per_1k_tokens: float = Field(
+        0.00015, ge=0, allow_inf_nan=False,
+        description="price of 1,000 prompt tokens sent to a hosted LLM backend, in USD; illustrative (a small model)",
+    )
+    llm_output_usd_per_1k_tokens: float = Field(
+        0.0006, ge=0, allow_inf_nan=False,
+        description="price of 1,000 answer tokens from a hosted LLM backend, in USD; illustrative (a small model)",
+    )
 
 
 class TrainingSettings(_Section):
@@ -485,6 +541,9 @@ class StoreSettings(_Section):
         "(UNAVAILABLE), never queued without bound",
     )
     read_threads: int = Field(2, ge=1, description="threads that read the store (reads never run on the event loop)")
+    max_read_batch: int = Field(
+        256, ge=1, description="most concurrent reads answered by one query (reads waiting together share one)"
+    )
 
 
 class ValidationSettings(_Section):
@@ -533,6 +592,7 @@ class Settings(BaseSettings):
     )
 
     server: ServerSettings = ServerSettings()
+    batching: BatchingSettings = BatchingSettings()
     ray: RaySettings = RaySettings()
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
@@ -549,6 +609,7 @@ class Settings(BaseSettings):
     tracing: TracingSettings = TracingSettings()
     security: SecuritySettings = SecuritySettings()
     validation: ValidationSettings = ValidationSettings()
+    pricing: PricingSettings = PricingSettings()
 
     _yaml_data: ClassVar[dict[str, Any]] = {}
 

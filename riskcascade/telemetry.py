@@ -9,7 +9,7 @@ an argument, and replicas continue the trace from it (``span(..., carrier=...)``
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from riskcascade.config import TracingSettings
 TRACER_NAME = "riskcascade"
 _lock = threading.Lock()
 _provider: TracerProvider | None = None
+_tracer: trace.Tracer | None = None
 
 
 def configure_tracing(settings: TracingSettings, component: str) -> TracerProvider | None:
@@ -60,7 +61,11 @@ def shutdown_tracing() -> None:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """This process's tracer, looked up once (OpenTelemetry's proxy tracer follows a provider set later)."""
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer(TRACER_NAME)
+    return _tracer
 
 
 def inject_context() -> dict[str, str]:
@@ -71,16 +76,26 @@ def inject_context() -> dict[str, str]:
 
 
 @contextmanager
-def span(name: str, carrier: dict[str, str] | None = None, **attributes: Any) -> Iterator[trace.Span]:
-    """A span named ``name``; with ``carrier`` it continues the trace the carrier came from."""
+def span(name: str, carrier: dict[str, str] | None = None, links: Sequence[dict[str, str]] = (),
+         **attributes: Any) -> Iterator[trace.Span]:
+    """A span named ``name``; with ``carrier`` it continues the trace the carrier came from. ``links`` are
+    carriers of other spans this one also serves (a batch call links the calls it carries, OTel's way)."""
     parent = propagate.extract(carrier) if carrier else None
     token = otel_context.attach(parent) if parent is not None else None
+    span_links = [trace.Link(c) for c in _span_contexts(links)] if links else None
     try:
-        with tracer().start_as_current_span(name, attributes=attributes or None) as current:
+        with tracer().start_as_current_span(name, attributes=attributes or None, links=span_links) as current:
             yield current
     finally:
         if token is not None:
             otel_context.detach(token)
+
+
+def _span_contexts(carriers: Sequence[dict[str, str]]) -> Iterator[trace.SpanContext]:
+    for carrier in carriers:
+        context = trace.get_current_span(propagate.extract(carrier)).get_span_context()
+        if context.is_valid:
+            yield context
 
 
 def current_trace_id() -> str:

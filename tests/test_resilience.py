@@ -340,15 +340,15 @@ def test_past_the_concurrency_limit_calls_are_shed_with_a_retry_hint(tmp_path):
 
 def test_a_stalled_store_read_leaves_health_and_other_calls_answering(tmp_path, monkeypatch):
     release = threading.Event()
-    original = DecisionStore._pooled_read
+    original = DecisionStore._pooled_reads
 
-    def stalled_read(self, request_id):  # noqa: ANN001, ANN202 - a disk that stops answering
-        if request_id.startswith("stall"):
+    def stalled_read(self, request_ids):  # noqa: ANN001, ANN202 - a disk that stops answering
+        if any(request_id.startswith("stall") for request_id in request_ids):
             release.wait(PATIENCE_S)
-        return original(self, request_id)
+        return original(self, request_ids)
 
-    monkeypatch.setattr(DecisionStore, "_pooled_read", stalled_read)
-    monkeypatch.setattr(DecisionStore, "get_decision", lambda self, rid: stalled_read(self, rid) and None)
+    monkeypatch.setattr(DecisionStore, "_pooled_reads", stalled_read)
+    monkeypatch.setattr(DecisionStore, "get_decision", lambda self, rid: stalled_read(self, [rid])[0])
 
     async def scenario():
         async with Gateway(tmp_path) as gw:

@@ -51,6 +51,10 @@ class EdgeProbe(decision_pb2_grpc.DecisionServiceServicer):
     async def DecideBatch(self, request, context):
         return pb.DecideBatchResponse()
 
+    async def DecideStream(self, request_iterator, context):
+        async for request in request_iterator:
+            yield pb.DecideBatchResult(request_id=request.request_id)
+
     async def SubmitFeedback(self, request, context):
         return pb.SubmitFeedbackResponse()
 
@@ -107,11 +111,24 @@ async def method_codes(target: str, credentials: grpc.ChannelCredentials | None)
         calls = {
             "Decide": lambda: stub.Decide(pb.DecideRequest(), timeout=CALL_TIMEOUT_S),
             "DecideBatch": lambda: stub.DecideBatch(pb.DecideBatchRequest(), timeout=CALL_TIMEOUT_S),
+            "DecideStream": lambda: _opened_and_closed(stub.DecideStream(timeout=CALL_TIMEOUT_S)),
             "GetDecision": lambda: stub.GetDecision(pb.GetDecisionRequest(), timeout=CALL_TIMEOUT_S),
             "GetServiceInfo": lambda: stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=CALL_TIMEOUT_S),
             "SubmitFeedback": lambda: stub.SubmitFeedback(pb.SubmitFeedbackRequest(), timeout=CALL_TIMEOUT_S),
         }
         return {name: await code_of(call()) for name, call in calls.items()}
+
+
+async def _opened_and_closed(call) -> None:  # noqa: ANN001 - a DecideStream call
+    """Open a stream, send nothing and close it: the edge decides on the call's metadata alone. (A client still
+    writing when the server refuses may see grpc.aio's own INTERNAL instead of the server's status.)"""
+    try:
+        await call.done_writing()
+    except grpc.aio.AioRpcError:
+        pass  # already refused: the status below says why
+    code = await call.code()
+    if code is not grpc.StatusCode.OK:
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details())
 
 
 async def health_code(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
@@ -132,10 +149,10 @@ def test_each_role_reaches_its_methods_and_is_denied_the_rest(tmp_path):
 
     codes = asyncio.run(scenario())
     assert codes["admin"] == dict.fromkeys(codes["admin"], OK)
-    assert codes["decider"] == {"Decide": OK, "DecideBatch": OK, "GetDecision": OK, "GetServiceInfo": OK,
-                                "SubmitFeedback": DENIED}
-    assert codes["reviewer"] == {"Decide": DENIED, "DecideBatch": DENIED, "GetDecision": DENIED,
-                                 "GetServiceInfo": DENIED, "SubmitFeedback": OK}
+    assert codes["decider"] == {"Decide": OK, "DecideBatch": OK, "DecideStream": OK, "GetDecision": OK,
+                                "GetServiceInfo": OK, "SubmitFeedback": DENIED}
+    assert codes["reviewer"] == {"Decide": DENIED, "DecideBatch": DENIED, "DecideStream": DENIED,
+                                 "GetDecision": DENIED, "GetServiceInfo": DENIED, "SubmitFeedback": OK}
 
 
 def test_missing_or_unknown_token_is_unauthenticated_with_one_log_line_and_no_token_text(tmp_path, caplog):

@@ -68,3 +68,30 @@ def test_closed_store_refuses_writes(tmp_path):
 
     with pytest.raises(StoreClosedError):
         asyncio.run(go())
+
+
+def test_concurrent_reads_share_one_query_and_each_gets_its_own_row(tmp_path, monkeypatch):
+    queries: list[list[str]] = []
+    original = DecisionStore._pooled_reads
+
+    def counted(self, request_ids):  # noqa: ANN001, ANN202
+        queries.append(list(request_ids))
+        return original(self, request_ids)
+
+    monkeypatch.setattr(DecisionStore, "_pooled_reads", counted)
+
+    async def go():
+        store = DecisionStore(tmp_path / "d.sqlite", read_threads=1)
+        await asyncio.gather(*(store.put_decision(record(f"r{i}")) for i in range(0, 600, 2)))
+        wanted = [f"r{i}" for i in range(600)] + ["r4"]  # more than one query's parameters, and a repeat
+        found = await asyncio.gather(*(store.aget_decision(rid) for rid in wanted))
+        store.close()
+        return wanted, found
+
+    wanted, found = asyncio.run(go())
+    for rid, row in zip(wanted, found):
+        number = int(rid[1:])
+        assert (row is None) == (number % 2 == 1)
+        assert row is None or (row.request_id == rid and row.payload == b"x" + rid.encode())
+    assert len(queries) < 10  # 601 concurrent reads took a few queries, not 601 thread hops
+    assert sum(len(q) for q in queries) == len(wanted)

@@ -326,3 +326,26 @@ def test_recall_at_fpr_never_exceeds_the_false_positive_budget():
     assert recall_at_fpr(scores, labels, 0.05) == pytest.approx(1 / 3)  # no false positive: only 0.95
     assert recall_at_fpr(scores, labels, 0.1) == pytest.approx(2 / 3)  # 0.95 and 0.85 clear 0.8
     assert recall_at_fpr(scores, labels, 1.0) == 1.0
+
+
+def test_reason_codes_are_attributed_where_they_are_read(trained):
+    """reasons_for="at_risk": rows at or above the band's low edge get the same TreeSHAP reasons as "all"; rows
+    approved below it get one summary code naming their score, and the scores themselves never change."""
+    settings, card = trained
+    x = _valid_matrix(settings, rows=400)
+    everything = FastModel(settings.model.dir, reason_count=3, reasons_for="all").score_matrix(x)
+    at_risk = FastModel(settings.model.dir, reason_count=3, reasons_for="at_risk").score_matrix(x)
+    low = card.thresholds.band_low
+    below = [i for i, s in enumerate(everything) if s.score < low]
+    above = [i for i, s in enumerate(everything) if s.score >= low]
+    assert below and above, "the sample needs rows on both sides of the band's low edge"
+    assert [s.score for s in at_risk] == [s.score for s in everything]
+    for i in above:
+        assert at_risk[i].reasons == everything[i].reasons and len(at_risk[i].reasons) == 3
+    for i in below:
+        (summary,) = at_risk[i].reasons
+        assert summary.code == "SCORE_BELOW_BAND" and summary.weight == 0.0
+        assert f"{at_risk[i].score:.3f}" in summary.description and f"{low:.3f}" in summary.description
+        assert all(r.code.startswith(("RISK_UP:", "RISK_DOWN:")) for r in everything[i].reasons)
+    with pytest.raises(ValueError, match="reasons_for"):
+        FastModel(settings.model.dir, reasons_for="some")

@@ -276,6 +276,11 @@ class EchoServicer:
             async def GetServiceInfo(self, request, context):
                 return pb.ServiceInfo(model_version="m1")
 
+            async def DecideStream(self, request_iterator, context):
+                async for request in request_iterator:
+                    yield pb.DecideBatchResult(request_id=request.request_id,
+                                               decision=pb.Decision(request_id=request.request_id))
+
         self.servicer = Servicer()
 
 
@@ -371,3 +376,40 @@ def test_good_bodies_pass_the_guard_unchanged(caplog, monkeypatch):
     assert [code for _, code, _ in results] == [grpc.StatusCode.OK] * len(METHODS)
     assert len(spans) == len(METHODS) and {s["rpc.grpc.status_code"] for s in spans} == {0}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_an_undecodable_stream_message_ends_the_stream_with_invalid_argument_after_the_good_ones(caplog, monkeypatch):
+    from orchestrator.interceptors import service_interceptors
+    from risk.v1 import decision_pb2_grpc
+
+    good = [pb.DecideRequest(request_id=f"s{i}").SerializeToString() for i in range(2)]
+    bodies = [good[0], b"\x0a\xff", good[1]]  # the second message is cut short
+
+    async def scenario():
+        server = grpc.aio.server(interceptors=service_interceptors())
+        decision_pb2_grpc.add_DecisionServiceServicer_to_server(EchoServicer().servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.stream_stream("/risk.v1.DecisionService/DecideStream",
+                                             response_deserializer=pb.DecideBatchResult.FromString)(iter(bodies),
+                                                                                                   timeout=10)
+                answered = []
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for result in call:
+                        answered.append(result.request_id)
+                return answered, err.value
+        finally:
+            await server.stop(0)
+
+    caplog.set_level(logging.INFO)
+    with recorded_spans(monkeypatch) as spans:
+        answered, err = asyncio.run(scenario())
+    assert answered == ["s0"]  # the item before the bad one was answered; nothing after it was read
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "stream item 1 is not a valid risk.v1.DecideRequest" in err.details()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "orchestrator.interceptors"]
+    assert len(warnings) == 1 and "stream item 1" in warnings[0].getMessage()
+    assert "Traceback" not in caplog.text
+    assert [s["rpc.grpc.status_code"] for s in spans] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]

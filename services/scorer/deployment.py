@@ -1,8 +1,10 @@
 """Ray Serve deployment of the fast scorer: a thin shell around FastModel.
 
-Batching: concurrent requests are scored together through ``@serve.batch``; a request that arrives while the
-replica has nothing else in flight is scored at once instead of waiting out the batch window alone (see
-ArrivalGate). Batch size and wait come from ``user_config`` in deploy/serve.yaml.
+Batching: the orchestrator sends batches it formed itself to ``score_many`` (one handle call per micro-batch,
+see orchestrator/batching.py). Single ``score`` calls (other callers, Serve's gRPC proxy baseline) are scored
+together through ``@serve.batch``; a request that arrives while the replica has nothing else in flight is scored
+at once instead of waiting out the batch window alone (see ArrivalGate). Batch size and wait come from
+``user_config`` in deploy/serve.yaml.
 
 Scoring reads and folds the live entity state (SQLite log or Redis) and runs the model: that work goes to one
 worker thread, never the replica's event loop, and one thread keeps the state's folds in arrival order.
@@ -41,6 +43,7 @@ class FastScorer:
             prefer_gpu=config.model.prefer_gpu,
             state=open_model_state(config),
             reported_state_features=config.model.reported_state_features,
+            reasons_for=config.model.reasons_for,
         )
         self._arrivals = ArrivalGate()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
@@ -58,6 +61,14 @@ class FastScorer:
                 if lone:
                     return (await self._run(self._model.score_batch, [request]))[0]
                 return await self._score_batched(request)
+
+    async def score_many(self, requests: list[ScoreRequest]) -> list[FastScore]:
+        """Score a batch the caller formed (the orchestrator's coalesced calls, a DecideBatch): one handle hop,
+        one feature assembly, one ONNX run, in the order given."""
+        if not requests:
+            return []
+        with span("scorer.score_many", carrier=requests[0].trace_carrier, batch_size=len(requests)):
+            return await self._run(self._model.score_batch, requests)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _score_batched(self, rows: list[ScoreRequest]) -> list[FastScore]:

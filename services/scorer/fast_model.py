@@ -36,6 +36,10 @@ from services.scorer.gpu_probe import choose_providers  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+REASONS_ALL = "all"  # every scored row gets per-feature reason codes
+REASONS_AT_RISK = "at_risk"  # only rows at or above the band's low edge; approvals get BELOW_BAND_CODE
+BELOW_BAND_CODE = "SCORE_BELOW_BAND"
+
 
 @dataclass(frozen=True)
 class ScorerInfo:
@@ -54,7 +58,8 @@ class ScorerInfo:
 
 class FastModel:
     def __init__(self, model_dir: Path, threads: int = 1, reason_count: int = 3, prefer_gpu: bool = True,
-                 state: EntityState | None = None, reported_state_features: Sequence[str] = ()):
+                 state: EntityState | None = None, reported_state_features: Sequence[str] = (),
+                 reasons_for: str = REASONS_ALL):
         model_dir = Path(model_dir)
         self.card: ModelCard = load_model_card(model_dir)
         self._layout = FeatureLayout.load(model_dir)
@@ -73,6 +78,10 @@ class FastModel:
         self._reported = [(n, names.index(n)) for n in reported_state_features if n in names and self.state]
         self._calibrator = self.card.calibration.calibrator()
         self._reason_count = reason_count
+        if reasons_for not in (REASONS_ALL, REASONS_AT_RISK):
+            raise ValueError(f"reasons_for must be {REASONS_ALL!r} or {REASONS_AT_RISK!r}, not {reasons_for!r}")
+        # rows scored below this get the band summary instead of per-feature attributions (see _reasons)
+        self._attribute_from = self.card.thresholds.band_low if reasons_for == REASONS_AT_RISK else -math.inf
         providers, probe = choose_providers(prefer_gpu)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -97,16 +106,16 @@ class FastModel:
             feature_ranges=declared_feature_ranges(self.card),
         )
         log.info("fast model %s on %s (%s)", self.card.version, self.info.provider, probe.detail)
+        if self._anomaly is not None:
+            log.info("anomaly score: %s%s", self._anomaly.method,
+                     f" ({self._anomaly.fallback_reason})" if self._anomaly.fallback_reason else "")
 
     def matrix(self, requests: Sequence[ScoreRequest]) -> np.ndarray:
         """Requests as the float32 model input: raw features (absent = NaN), categorical codes, graph aggregates
         from the entities, then the anomaly score."""
-        raw = np.full((len(requests), len(self._inputs)), np.nan)
-        for i, request in enumerate(requests):
-            for j, name in enumerate(self._inputs):
-                value = request.features.get(name)
-                if value is not None:
-                    raw[i, j] = value
+        nan, inputs = math.nan, self._inputs
+        raw = np.array([[r.features.get(name, nan) for name in inputs] for r in requests], dtype=np.float64)
+        raw = raw.reshape(len(requests), len(inputs))
         state_features = None
         if self.state is not None:
             now = time.time()
@@ -141,7 +150,7 @@ class FastModel:
         """Score rows already in the model's input layout (``matrix``'s output, or training's replay features)."""
         raw = self._session.run([self._output], {self._input: x})[0][:, 1].astype(np.float64)
         calibrated = self._calibrator.apply(raw)
-        reasons = self._reasons(x) if self._reason_count else [()] * x.shape[0]
+        reasons = self._reasons(x, calibrated) if self._reason_count else [()] * x.shape[0]
         return [
             FastScore(
                 score=float(calibrated[i]),
@@ -154,13 +163,30 @@ class FastModel:
             for i in range(x.shape[0])
         ]
 
-    def _reasons(self, x: np.ndarray) -> list[tuple[ReasonCode, ...]]:
-        contrib = self._explainer.contributions(x)
-        out = []
-        for i in range(x.shape[0]):
-            order = np.argsort(-np.abs(contrib[i]))[: self._reason_count]
-            out.append(tuple(self._reason(j, float(x[i, j]), float(contrib[i, j])) for j in order))
+    def _reasons(self, x: np.ndarray, calibrated: np.ndarray) -> list[tuple[ReasonCode, ...]]:
+        """Per-feature TreeSHAP reason codes for the rows scored at or above ``_attribute_from`` (all rows, or
+        with ``reasons_for="at_risk"`` the rows the band does not approve outright: the ones a reviewer, the
+        reasoner or a blocked user reads); the other rows get one summary code naming their score and the band's
+        low edge. Exact TreeSHAP is most of a row's scoring cost, so it is spent where it is read."""
+        out: list[tuple[ReasonCode, ...]] = [()] * x.shape[0]
+        attributed = np.flatnonzero(calibrated >= self._attribute_from)
+        for i in np.flatnonzero(calibrated < self._attribute_from):
+            out[i] = (self._below_band(float(calibrated[i])),)
+        if attributed.size:
+            rows = x[attributed]
+            contrib = self._explainer.contributions(rows)
+            order = np.argsort(-np.abs(contrib), axis=1)[:, : self._reason_count]
+            for k, i in enumerate(attributed):
+                out[i] = tuple(self._reason(j, float(rows[k, j]), float(contrib[k, j])) for j in order[k])
         return out
+
+    def _below_band(self, score: float) -> ReasonCode:
+        return ReasonCode(
+            code=BELOW_BAND_CODE,
+            description=f"fast score {score:.3f} is below the escalation band's low edge "
+            f"{self._attribute_from:.3f}: approved without per-feature attribution",
+            weight=0.0,
+        )
 
     def _reason(self, j: int, value: float, weight: float) -> ReasonCode:
         name = self._model_features[j]
