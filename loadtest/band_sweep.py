@@ -33,7 +33,6 @@ points, the goal check, the command, data range and protocol) and .png (cost aga
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -63,7 +62,6 @@ RESULTS_DIR = REPO / "loadtest" / "results"
 DEFAULT_EVENTS = 6000  # ~5 min of reviews on a busy 2-core machine (~45 ms of CPU each with the evidence backend)
 GRID_SHARES = (0.0, 0.02, 0.05, 0.08, 0.20, 0.30, 0.50, 1.0)  # validation shares around the configured band
 DEFAULT_BAND = "default"
-REVIEW_BUDGET_MS = 600_000.0  # as `riskcascade eval --cascade`: no deadline pressure offline
 SCORING_BATCH = 256  # validation scoring only (band edges); the subset is scored one event at a time
 GOAL_COST_RATIO = 0.1  # the goal: the default band at most a tenth of everything escalated's cost ...
 GOAL_AP_RATIO = 0.97  # ... keeping at least 97% of its average precision
@@ -196,10 +194,7 @@ def measure(settings, n_events: int, progress: bool = True) -> Measurement:
     from orchestrator.merge import MergeRules, merge
     from orchestrator.policy import Route, RoutingDecision
     from riskcascade.datasets import read_split_events
-    from riskcascade.domain import ReasoningRequest
-    from riskcascade.evaluate_cascade import time_true_inputs
-    from riskcascade.synthetic import to_risk_event
-    from services.reasoning.service import open_reasoning_service
+    from riskcascade.evaluate_cascade import OFFLINE_BUDGET_MS, is_fallback, review_each, time_true_inputs
     from services.scorer.fast_model import FastModel
 
     parts = read_split_events(settings.data.dir)
@@ -222,29 +217,15 @@ def measure(settings, n_events: int, progress: bool = True) -> Measurement:
         fast_cpu += time.process_time() - started
     rules = MergeRules.from_settings(settings.merge)
     routing = RoutingDecision(Route.ESCALATE, "band sweep: every event of the subset is reviewed once")
-    service = open_reasoning_service(settings)
-    merged, reasoner, cpu, wall, fallbacks = [], [], [], [], 0
-    try:
-        loop = asyncio.new_event_loop()
-        try:
-            for i, f in tqdm(list(zip(order, fast)), desc=f"reviews ({settings.llm.backend})", unit="case",
-                             disable=not progress):
-                request = ReasoningRequest(to_risk_event(test[i]), f, REVIEW_BUDGET_MS)
-                started_cpu, started_wall = time.process_time(), time.perf_counter()
-                verdict = loop.run_until_complete(service.review(request))
-                cpu.append(time.process_time() - started_cpu)
-                wall.append(time.perf_counter() - started_wall)
-                merged.append(merge(rules, f, routing, verdict).risk_score)
-                reasoner.append(verdict.score)
-                fallbacks += any(r.code == "REASONER_FALLBACK" for r in verdict.reasons)
-        finally:
-            loop.close()
-    finally:
-        service.close()
+    reviews = review_each(settings, [(test[i], f) for i, f in zip(order, fast)], OFFLINE_BUDGET_MS,
+                          f"reviews ({settings.llm.backend})", progress)
     return Measurement(
-        events=[test[i] for i in order], fast=np.array([f.score for f in fast]), merged=np.array(merged),
-        reasoner=np.array(reasoner), reasoner_cpu_s=np.array(cpu), reasoner_wall_s=np.array(wall),
-        fallbacks=fallbacks, validation_scores=validation, model_cpu_s_lone=fast_cpu / len(order),
+        events=[test[i] for i in order], fast=np.array([f.score for f in fast]),
+        merged=np.array([merge(rules, f, routing, r.verdict).risk_score for f, r in zip(fast, reviews)]),
+        reasoner=np.array([r.verdict.score for r in reviews]),
+        reasoner_cpu_s=np.array([r.cpu_s for r in reviews]), reasoner_wall_s=np.array([r.wall_s for r in reviews]),
+        fallbacks=sum(is_fallback(r.verdict) for r in reviews), validation_scores=validation,
+        model_cpu_s_lone=fast_cpu / len(order),
         model_cpu_s_batched=model_cpu_batched, state_cpu_s_per_event=state_cpu, test_events=len(test),
         test_range=(min(e.occurred_at for e in test).isoformat(), max(e.occurred_at for e in test).isoformat()),
         llm_tokens=(0.0, 0.0) if settings.llm.backend == EVIDENCE_BACKEND else None,

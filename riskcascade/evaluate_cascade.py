@@ -21,6 +21,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,12 @@ from orchestrator.merge import MergeRules, merge
 from orchestrator.policy import EscalationPolicy, Route, escalation_policy
 from riskcascade.config import Settings
 from riskcascade.datasets import read_split_events
-from riskcascade.domain import Action, ReasoningRequest
+from riskcascade.domain import Action, FastScore, ReasonerVerdict, ReasoningRequest
 from riskcascade.model_card import load_model_card
-from riskcascade.synthetic import to_risk_event
+from riskcascade.synthetic import LabelledEvent, to_risk_event
 
 SCORING_BATCH = 256
+OFFLINE_BUDGET_MS = 600_000.0  # offline, one case at a time: no deadline pressure on a review
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,48 @@ def _ap(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(average_precision_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
 
 
+@dataclass(frozen=True)
+class Review:
+    """One offline review: the verdict, and the wall and process CPU time it took."""
+
+    verdict: ReasonerVerdict
+    wall_s: float
+    cpu_s: float
+
+
+def review_each(settings: Settings, cases: Sequence[tuple[LabelledEvent, FastScore]], budget_ms: float, desc: str,
+                progress: bool = True) -> list[Review]:
+    """Review each (event, fast score) once, in order, with the reasoning service as it is served (retrieval
+    bounded by label arrival), one case at a time on its own event loop."""
+    from services.reasoning.service import open_reasoning_service
+
+    service = open_reasoning_service(settings)
+    reviews: list[Review] = []
+    try:
+        loop = asyncio.new_event_loop()
+        try:
+            for event, fast in tqdm(cases, desc=desc, unit="case", disable=not progress):
+                wall, cpu = time.perf_counter(), time.process_time()
+                verdict = loop.run_until_complete(service.review(ReasoningRequest(to_risk_event(event), fast,
+                                                                                  budget_ms)))
+                reviews.append(Review(verdict, time.perf_counter() - wall, time.process_time() - cpu))
+        finally:
+            loop.close()
+    finally:
+        service.close()
+    return reviews
+
+
+def is_fallback(verdict: ReasonerVerdict) -> bool:
+    """The reasoner fell back (its backend failed or ran out of time) instead of reasoning."""
+    return any(r.code == "REASONER_FALLBACK" for r in verdict.reasons)
+
+
 def run_cascade_evaluation(
-    settings: Settings, out_dir: Path, split: str = "test", limit: int | None = None, budget_ms: float = 600_000.0,
+    settings: Settings, out_dir: Path, split: str = "test", limit: int | None = None,
+    budget_ms: float = OFFLINE_BUDGET_MS,
     progress: bool = True,
 ) -> CascadeEvaluation:
-    from services.reasoning.service import open_reasoning_service
     from services.scorer.fast_model import FastModel
 
     parts = read_split_events(settings.data.dir)
@@ -77,30 +116,20 @@ def run_cascade_evaluation(
         step = len(escalated) / limit
         escalated = [escalated[int(k * step)] for k in range(limit)]
     rules = MergeRules.from_settings(settings.merge)
-    service = open_reasoning_service(settings)
+    reviews = review_each(settings, [(events[i], fast[i]) for i in escalated], budget_ms,
+                          f"reviewing escalated cases ({settings.llm.backend})", progress)
     rows: list[dict[str, Any]] = []
-    try:
-        loop = asyncio.new_event_loop()
-        try:
-            for i in tqdm(escalated, desc=f"reviewing escalated cases ({settings.llm.backend})", unit="case",
-                          disable=not progress):
-                e, f = events[i], fast[i]
-                started = time.perf_counter()
-                verdict = loop.run_until_complete(service.review(ReasoningRequest(to_risk_event(e), f, budget_ms)))
-                seconds = time.perf_counter() - started
-                merged = merge(rules, f, routes[i], verdict)
-                rows.append({
-                    "case_id": e.case_id, "label": e.label, "risk_type": e.risk_type, "fast": f.score,
-                    "reasoner": verdict.score, "cascade": merged.risk_score, "action": merged.action.value,
-                    "fallback": any(r.code == "REASONER_FALLBACK" for r in verdict.reasons),
-                    "downgraded": any(r.code == "REFLECTION" and r.description.startswith("downgraded")
-                                      for r in verdict.reasons),
-                    "seconds": seconds,
-                })
-        finally:
-            loop.close()
-    finally:
-        service.close()
+    for i, review in zip(escalated, reviews):
+        e, f, verdict = events[i], fast[i], review.verdict
+        merged = merge(rules, f, routes[i], verdict)
+        rows.append({
+            "case_id": e.case_id, "label": e.label, "risk_type": e.risk_type, "fast": f.score,
+            "reasoner": verdict.score, "cascade": merged.risk_score, "action": merged.action.value,
+            "fallback": is_fallback(verdict),
+            "downgraded": any(r.code == "REFLECTION" and r.description.startswith("downgraded")
+                              for r in verdict.reasons),
+            "seconds": review.wall_s,
+        })
     figures = _figures(rows, settings, split, len(events), n_escalated, band)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = _report(figures)
