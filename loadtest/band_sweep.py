@@ -12,7 +12,7 @@ What it measures, on the configured data (``data.dir``), model (``model.dir``) a
 2. The reasoner once per event on a fixed subset: the first ``--events`` test events in time order, each reviewed
    as ``eval --cascade`` reviews an escalated case (the reasoning service as served, retrieval bounded by label
    arrival, the fast score as its prior, no deadline pressure), and merged with its fast score by the merge rules
-   (orchestrator/merge.py) into the cascade's score. Since neither the verdict nor the merge depends on the band,
+   (riskcascade/core/merge.py) into the cascade's score. Since neither the verdict nor the merge depends on the band,
    one review per event serves every band.
 3. Stage costs: CPU-seconds per call by ``time.process_time`` (all threads of this process, so the reasoner's
    worker threads count) around each review and each lone fast scoring; the entity-state features' CPU as the
@@ -20,7 +20,7 @@ What it measures, on the configured data (``data.dir``), model (``model.dir``) a
    the verdict carries no token usage for the other backends, so their cost leaves tokens out and says so.
    ``--platform-cpu-ms-per-decision`` (or a load benchmark's ``cpu_ms_per_decision`` via ``--bench-results``)
    replaces the fast path's model-only CPU with the platform's (orchestrator and scorer processes).
-4. A grid of bands by escalated share, chosen on the validation split (``riskcascade.thresholds.band_by_share``,
+4. A grid of bands by escalated share, chosen on the validation split (``riskcascade.core.thresholds.band_by_share``,
    the rule that chose the default band), so nothing is tuned on test: 0%, 2%, 5%, 8%, the configured band, 20%,
    30%, 50%, 100%. Per band, on the subset: share escalated, average precision of the cascade score (escalated
    events: the merged score; the others: the fast score), of the fast score alone, and USD per 1,000 decisions
@@ -55,14 +55,13 @@ from loadtest.cost import (
     named_points,
     read_platform_cpu_ms_per_decision,
 )
-from riskcascade.config import PricingSettings
+from riskcascade.core.config import PricingSettings
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "loadtest" / "results"
 DEFAULT_EVENTS = 6000  # ~5 min of reviews on a busy 2-core machine (~45 ms of CPU each with the evidence backend)
 GRID_SHARES = (0.0, 0.02, 0.05, 0.08, 0.20, 0.30, 0.50, 1.0)  # validation shares around the configured band
 DEFAULT_BAND = "default"
-SCORING_BATCH = 256  # validation scoring only (band edges); the subset is scored one event at a time
 GOAL_COST_RATIO = 0.1  # the issue's goal: the default band at most a tenth of everything escalated's cost ...
 GOAL_AP_RATIO = 0.97  # ... keeping at least 97% of its average precision
 EVIDENCE_BACKEND = "evidence"  # the embedded reasoner: no language model, no tokens
@@ -114,7 +113,7 @@ def band_grid(validation_scores: np.ndarray, shares: Sequence[float], default: t
               centre: float) -> list[BandSpec]:
     """The bands escalating each of ``shares`` of the validation scores (0: none, 1: every one; between:
     ``band_by_share``, symmetric about ``centre`` as the share rule is) plus the configured band, by share."""
-    from riskcascade.thresholds import band_by_share
+    from riskcascade.core.thresholds import band_by_share
 
     bands = []
     for share in shares:
@@ -180,7 +179,7 @@ class Measurement:
     fallbacks: int
     validation_scores: np.ndarray
     model_cpu_s_lone: float  # per event scored alone
-    model_cpu_s_batched: float  # per event in batches of SCORING_BATCH (for comparison)
+    model_cpu_s_batched: float  # per event in batches of evaluation.scoring_batch_size (for comparison)
     state_cpu_s_per_event: float  # replay CPU per event folded
     test_events: int
     test_range: tuple[str, str]
@@ -191,10 +190,10 @@ class Measurement:
 def measure(settings, n_events: int, progress: bool = True) -> Measurement:
     from tqdm import tqdm
 
-    from orchestrator.merge import MergeRules, merge
-    from orchestrator.policy import Route, RoutingDecision
-    from riskcascade.datasets import read_split_events
-    from riskcascade.evaluate_cascade import OFFLINE_BUDGET_MS, is_fallback, review_each, time_true_inputs
+    from riskcascade.core.merge import MergeRules, merge
+    from riskcascade.core.policy import Route, RoutingDecision
+    from riskcascade.evaluate_cascade import is_fallback, review_each, time_true_inputs
+    from riskcascade.modelling.datasets import read_split_events
     from services.scorer.fast_model import FastModel
 
     parts = read_split_events(settings.data.dir)
@@ -202,8 +201,9 @@ def measure(settings, n_events: int, progress: bool = True) -> Measurement:
                       reason_count=settings.model.reason_count, prefer_gpu=False)
     x_valid = model.model_input(time_true_inputs(settings.model.dir, parts, "valid"))
     started = time.process_time()
-    validation = np.array([s.score for start in range(0, len(x_valid), SCORING_BATCH)
-                           for s in model.score_matrix(x_valid[start : start + SCORING_BATCH])])
+    batch = settings.evaluation.scoring_batch_size  # validation scoring only (band edges)
+    validation = np.array([s.score for start in range(0, len(x_valid), batch)
+                           for s in model.score_matrix(x_valid[start : start + batch])])
     model_cpu_batched = (time.process_time() - started) / len(x_valid)
     started = time.process_time()  # the second replay: numba's kernels are compiled by now
     x_test = time_true_inputs(settings.model.dir, parts, "test")
@@ -217,8 +217,8 @@ def measure(settings, n_events: int, progress: bool = True) -> Measurement:
         fast_cpu += time.process_time() - started
     rules = MergeRules.from_settings(settings.merge)
     routing = RoutingDecision(Route.ESCALATE, "band sweep: every event of the subset is reviewed once")
-    reviews = review_each(settings, [(test[i], f) for i, f in zip(order, fast)], OFFLINE_BUDGET_MS,
-                          f"reviews ({settings.llm.backend})", progress)
+    reviews = review_each(settings, [(test[i], f) for i, f in zip(order, fast)],
+                          settings.evaluation.review_budget_ms, f"reviews ({settings.llm.backend})", progress)
     return Measurement(
         events=[test[i] for i in order], fast=np.array([f.score for f in fast]),
         merged=np.array([merge(rules, f, routing, r.verdict).risk_score for f, r in zip(fast, reviews)]),
@@ -295,7 +295,7 @@ def report(m: Measurement, settings, points: Sequence[BandPoint], costs: StageCo
         "measured": {
             "fast_cpu_source": fast_source,
             "model_cpu_ms_lone": m.model_cpu_s_lone * 1e3,
-            "model_cpu_ms_batched": m.model_cpu_s_batched * 1e3, "batch": SCORING_BATCH,
+            "model_cpu_ms_batched": m.model_cpu_s_batched * 1e3, "batch": settings.evaluation.scoring_batch_size,
             "state_cpu_ms_per_event": m.state_cpu_s_per_event * 1e3,
             "reasoner_cpu_ms_mean": float(m.reasoner_cpu_s.mean() * 1e3),
             "reasoner_cpu_ms_p50": float(np.percentile(m.reasoner_cpu_s, 50) * 1e3),
@@ -414,7 +414,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
 def command_line(argv: Sequence[str]) -> str:
     """The command as run, with the RISKCASCADE_* settings of its environment (never a secret's value)."""
-    from riskcascade.config import CONFIG_ENV_VAR, SECRET_FIELDS, Settings, secret_env_var
+    from riskcascade.core.config import CONFIG_ENV_VAR, SECRET_FIELDS, Settings, secret_env_var
 
     prefix = Settings.model_config["env_prefix"]
     secrets = {secret_env_var(section, name) for section, name in SECRET_FIELDS}
@@ -453,10 +453,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.bench_results} carries no cpu_ms_per_decision for a result labelled "
                          f"*{args.bench_label}*")
 
-    from orchestrator.policy import escalation_policy
-    from riskcascade.config import load_settings
-    from riskcascade.model_card import load_model_card
-    from riskcascade.thresholds import BAND_CENTRE
+    from riskcascade.core.config import load_settings
+    from riskcascade.core.model_card import load_model_card
+    from riskcascade.core.policy import escalation_policy
+    from riskcascade.core.thresholds import BAND_CENTRE
 
     settings = load_settings(args.config)
     card = load_model_card(settings.model.dir)

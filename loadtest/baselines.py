@@ -29,8 +29,8 @@ from loadtest.loadgen import CallFailed, LoadResult, LoadRun, LoadSpec
 from loadtest.machine import ProcessGroups
 from orchestrator.validation import InvalidField, to_risk_event
 from risk.v1 import decision_pb2 as pb
-from riskcascade.config import ValidationSettings
-from riskcascade.domain import ScoreRequest
+from riskcascade.core.config import ValidationSettings
+from riskcascade.core.domain import ScoreRequest
 
 
 class BareGrpcServer:

@@ -56,7 +56,6 @@ DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"  # off, as the platform r
 SERVICER_FUNCTION = "risk.v1.decision_pb2_grpc.add_DecisionServiceServicer_to_server"
 START_TIMEOUT_S = 300
 EVENTS_USED = 2000
-SCORING_BATCH = 64  # the scorer's batch size when it scores them to pick the clear ones
 CLEAR_ROUNDS = 5  # replays of the clear file to drop the events it no longer finds clear
 ROWS = ("floor", "serve-proxy", "clear", "mix", "batch", "stream", "sweep")
 DEFAULT_DURATION_S, DEFAULT_WARMUP_S = 10.0, 2.0
@@ -88,12 +87,16 @@ def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:
     from google.protobuf import json_format
 
     from loadtest.events import decide_request
-    from riskcascade.domain import ScoreRequest
-    from riskcascade.entity_state import EmbeddedEntityState
-    from riskcascade.features import FeatureLayout
-    from riskcascade.synthetic import read_events_csv
+    from riskcascade.core.domain import ScoreRequest
+    from riskcascade.core.entity_state import EmbeddedEntityState
+    from riskcascade.core.features import FeatureLayout
+    from riskcascade.modelling.synthetic import read_events_csv
+    from orchestrator.platform import serve_config_with_settings
     from services.scorer.fast_model import FastModel
 
+    # scored in the scorer's own batch size (its user_config in deploy/serve.yaml) to pick the clear ones
+    batch = next(d["user_config"]["max_batch_size"] for app in serve_config_with_settings(settings)["applications"]
+                 if app["name"] == settings.ray.scorer_app for d in app["deployments"])
     events = read_events_csv(settings.data.dir / "test.csv")[:EVENTS_USED]
     # The load generator sends each run and pass as a population the platform has not seen (fresh entity ids:
     # loadgen.with_entity_tag), so "clear" is what the scorer's own serving path says of these events, in time
@@ -107,8 +110,8 @@ def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:
         model.state = EmbeddedEntityState(layout) if layout is not None else None
         requests = [ScoreRequest.of(events[i].case_id, events[i].event_type, events[i].entities,
                                     dict(events[i].features), occurred_at=events[i].occurred_at) for i in chosen]
-        return np.array([s.score for start in range(0, len(requests), SCORING_BATCH)
-                         for s in model.score_batch(requests[start:start + SCORING_BATCH])])
+        return np.array([s.score for start in range(0, len(requests), batch)
+                         for s in model.score_batch(requests[start:start + batch])])
 
     scores = fresh_scores(list(range(len(events))))
     clear = (scores < low) | (scores >= high)
@@ -174,7 +177,7 @@ def service_info(config_path: Path, target: str) -> dict:
     from orchestrator.client import open_channel
     from risk.v1 import decision_pb2 as pb
     from risk.v1 import decision_pb2_grpc as pb_grpc
-    from riskcascade.config import load_settings
+    from riskcascade.core.config import load_settings
 
     with open_channel(load_settings(config_path), target) as channel:
         info = pb_grpc.DecisionServiceStub(channel).GetServiceInfo(pb.GetServiceInfoRequest(), timeout=30)
@@ -250,7 +253,7 @@ async def run_mode(args: argparse.Namespace, serve_mode: str) -> dict:
 
     from loadtest.baselines import BareGrpcServer, handle_round_trips
     from orchestrator.platform import deploy_serve_config, wait_running
-    from riskcascade.config import load_settings
+    from riskcascade.core.config import load_settings
 
     base = load_settings(args.config)
     workdir = Path(tempfile.mkdtemp(prefix=f"riskcascade-bench-{serve_mode}-"))
@@ -267,7 +270,7 @@ async def run_mode(args: argparse.Namespace, serve_mode: str) -> dict:
     }
     settings = load_settings(args.config, **{k: base.model_dump()[k] | v for k, v in overrides.items()})
     apps = deploy_serve_config(combined_serve_config(settings, grpc_proxy_port, data_info["band"]))
-    await wait_running(apps, START_TIMEOUT_S)
+    await wait_running(apps, START_TIMEOUT_S, settings.ray.app_poll_interval_s)
     config_path = workdir / "riskcascade.yaml"
     config_path.write_text(yaml.safe_dump(settings.to_wire()))
     env = {**os.environ, THROUGHPUT_ENV: "1" if serve_mode == "throughput" else "0", DIRECT_INGRESS_ENV: "0"}

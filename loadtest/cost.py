@@ -12,7 +12,7 @@ CPU-seconds and, with a hosted LLM backend, its prompt and answer tokens). So wi
 
 Three points name the trade-off: fast-only (``s = 0``), the cascade at a band's measured share, and everything
 escalated (``s = 1``). The figures come from ``python -m loadtest.band_sweep`` (which measures the stage costs);
-prices come from the ``pricing`` section of the config (riskcascade/config.py). Plain arithmetic, no I/O but the
+prices come from the ``pricing`` section of the config (riskcascade/core/config.py). Plain arithmetic, no I/O but the
 benchmark-file reader at the end.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from riskcascade.config import PricingSettings
+from riskcascade.core.config import PricingSettings
 
 SECONDS_PER_HOUR = 3600.0
 TOKENS_PER_PRICE_UNIT = 1000.0  # prices are per 1,000 tokens

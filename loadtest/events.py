@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from risk.v1 import decision_pb2 as pb
-from riskcascade.synthetic import NOTE_FIELD, LabelledEvent
+from riskcascade.modelling.synthetic import NOTE_FIELD, LabelledEvent
 
 EVENT_TYPES = {
     "order": pb.EVENT_TYPE_ORDER,

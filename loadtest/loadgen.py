@@ -54,7 +54,7 @@ from loadtest.machine import ProcessGroups, cpu_usage, pin
 from orchestrator.client import ClientSecurityError, client_token, open_aio_channel
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
-from riskcascade.config import ConfigError, SecuritySettings, load_settings
+from riskcascade.core.config import ConfigError, SecuritySettings, load_settings
 
 MODES = ("decide", "batch", "stream", "health")
 ARRIVALS = ("poisson", "fixed")

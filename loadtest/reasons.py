@@ -38,7 +38,7 @@ import lightgbm as lgb
 import numpy as np
 from lightgbm import basic as lgb_basic
 
-from riskcascade.model_card import BOOSTER_FILE
+from riskcascade.core.model_card import BOOSTER_FILE
 from services.scorer.explain import TreeShapExplainer
 
 REPO = Path(__file__).resolve().parent.parent

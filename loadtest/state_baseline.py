@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from riskcascade.entity_state import (
+from riskcascade.core.entity_state import (
     ACCOUNT,
     SECONDS_PER_HOUR,
     SUM_WINDOWS,

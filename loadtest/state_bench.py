@@ -43,7 +43,7 @@ import numpy as np
 
 from loadtest.redis_process import redis_server_binary, running_redis
 from loadtest.state_baseline import PreviousEntityBook
-from riskcascade.entity_state import (
+from riskcascade.core.entity_state import (
     EmbeddedEntityState,
     EntityBook,
     EntityState,
@@ -51,7 +51,7 @@ from riskcascade.entity_state import (
     StateEvent,
     StateLayout,
 )
-from riskcascade.state_replay import Timeline
+from riskcascade.core.state_replay import Timeline
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "loadtest" / "results"
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 import redis
 
-                from riskcascade.state_redis import RedisEntityState
+                from riskcascade.core.state_redis import RedisEntityState
 
                 if redis_url is None:
                     redis_url = stack.enter_context(running_redis(binary))  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from orchestrator.client import channel_credentials, client_token, open_aio_chan
 from orchestrator.server import DecisionServer
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
-from riskcascade.config import SecuritySettings
+from riskcascade.core.config import SecuritySettings
 from riskcascade.dev_secrets import ensure_dev_material
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -23,9 +23,7 @@ from datetime import datetime, timezone
 from typing import Protocol
 
 from orchestrator.breaker import CircuitBreaker
-from orchestrator.merge import MergedVerdict, MergeRules, fast_model_failed, merge
-from orchestrator.policy import EscalationPolicy, Route
-from riskcascade.domain import (
+from riskcascade.core.domain import (
     Decision,
     EventType,
     FastScore,
@@ -35,7 +33,9 @@ from riskcascade.domain import (
     ScoreRequest,
     StageTiming,
 )
-from riskcascade.telemetry import current_trace_id, span
+from riskcascade.core.merge import MergedVerdict, MergeRules, fast_model_failed, merge
+from riskcascade.core.policy import EscalationPolicy, Route
+from riskcascade.core.telemetry import current_trace_id, span
 
 
 class StageError(Exception):
@@ -62,7 +62,7 @@ class StageLimits:
     scorer_timeout_s: float
 
     @classmethod
-    def from_settings(cls, settings) -> "StageLimits":  # noqa: ANN001 - riskcascade.config.ResilienceSettings
+    def from_settings(cls, settings) -> "StageLimits":  # noqa: ANN001 - riskcascade.core.config.ResilienceSettings
         return cls({k: v / 1000.0 for k, v in settings.fast_model_min_ms.items()}, settings.scorer_timeout_ms / 1000.0)
 
 

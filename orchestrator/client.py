@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from riskcascade.config import SecuritySettings, Settings
+from riskcascade.core.config import SecuritySettings, Settings
 
 
 class ClientSecurityError(RuntimeError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from risk.v1 import decision_pb2 as pb
-from riskcascade.domain import Action, Decision, EventType, Outcome, Stage
+from riskcascade.core.domain import Action, Decision, EventType, Outcome, Stage
 
 ACTIONS = {Action.APPROVE: pb.ACTION_APPROVE, Action.REVIEW: pb.ACTION_REVIEW, Action.BLOCK: pb.ACTION_BLOCK}
 STAGES = {

@@ -14,7 +14,7 @@ import asyncio
 from datetime import datetime
 from typing import Protocol
 
-from riskcascade.domain import AdjudicatedCase, LabelRecord, Outcome, RiskEvent
+from riskcascade.core.domain import AdjudicatedCase, LabelRecord, Outcome, RiskEvent
 
 
 class LabelSink(Protocol):

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError
 
-from riskcascade.telemetry import span
+from riskcascade.core.telemetry import span
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from riskcascade.config import SECRET_FIELDS, Settings, secret_env_var
+from riskcascade.core.config import SECRET_FIELDS, Settings, secret_env_var
 
 log = logging.getLogger("riskcascade.platform")
 
@@ -27,8 +27,6 @@ THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 # Throughput mode also opens an HTTP and a gRPC listener in every replica ("direct ingress") with a 30 s minimum
 # drain on shutdown. Our orchestrator is the only ingress and reaches replicas through handles, so it stays off.
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
-APP_POLL_S = 0.5
-INFO_TIMEOUT_S = 30.0
 
 
 class PlatformError(RuntimeError):
@@ -99,7 +97,7 @@ def deploy_serve_config(config_dict: dict[str, Any]) -> list[str]:
     return [app.name for app in config.applications]
 
 
-async def wait_running(apps: list[str], timeout_s: float) -> None:
+async def wait_running(apps: list[str], timeout_s: float, poll_s: float) -> None:
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
@@ -118,7 +116,7 @@ async def wait_running(apps: list[str], timeout_s: float) -> None:
                 for d, dep in statuses[n].deployments.items() if dep.message
             )
             raise PlatformError(f"Ray Serve applications not running after {timeout_s:.0f} s: {states} {waiting}")
-        await asyncio.sleep(APP_POLL_S)
+        await asyncio.sleep(poll_s)
 
 
 async def run_platform(settings: Settings) -> None:
@@ -130,16 +128,16 @@ async def run_platform(settings: Settings) -> None:
 
     from orchestrator.breaker import CircuitBreaker
     from orchestrator.cascade import Cascade, CascadeVersions, StageLimits
-    from orchestrator.health import StageHealth
     from orchestrator.feedback import FeedbackFanout
-    from orchestrator.merge import MergeRules
-    from orchestrator.policy import escalation_policy
+    from orchestrator.health import StageHealth
     from orchestrator.server import DecisionServer
     from orchestrator.servicer import DecisionServicer
     from orchestrator.stages import ServeReasonerStage, ServeScorerStage
     from orchestrator.store import DecisionStore
     from risk.v1 import decision_pb2 as pb
-    from riskcascade.telemetry import configure_tracing, shutdown_tracing
+    from riskcascade.core.merge import MergeRules
+    from riskcascade.core.policy import escalation_policy
+    from riskcascade.core.telemetry import configure_tracing, shutdown_tracing
 
     configure_tracing(settings.tracing, "orchestrator")
     stop = asyncio.Event()
@@ -155,10 +153,10 @@ async def run_platform(settings: Settings) -> None:
         apps = [settings.ray.scorer_app, settings.ray.reasoner_app]
         if settings.ray.deploy_on_start:
             deploy_serve_config(serve_config_with_settings(settings))
-        await wait_running(apps, settings.ray.start_timeout_s)
+        await wait_running(apps, settings.ray.start_timeout_s, settings.ray.app_poll_interval_s)
         scorer = ServeScorerStage(serve.get_app_handle(settings.ray.scorer_app), settings.batching)
         reasoner = ServeReasonerStage(serve.get_app_handle(settings.ray.reasoner_app))
-        info = await scorer.info(INFO_TIMEOUT_S)
+        info = await scorer.info(settings.ray.scorer_info_timeout_s)
         esc = settings.escalation
         res = settings.resilience
         policy = escalation_policy(esc, info.band_low, info.band_high)

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from orchestrator.auth import AccessPolicy, AuthInterceptor, RefusalLog, SecurityError
 from orchestrator.interceptors import service_interceptors
 from risk.v1 import decision_pb2, decision_pb2_grpc
-from riskcascade.config import SecuritySettings
+from riskcascade.core.config import SecuritySettings
 
 SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 

@@ -29,10 +29,10 @@ from datetime import datetime
 
 import grpc
 
-from orchestrator.cascade import Cascade, CallBudget, StageError
+from orchestrator.cascade import CallBudget, Cascade, StageError
 from orchestrator.convert import decision_to_proto
-from orchestrator.feedback import FeedbackFanout
 from orchestrator.errors import ApiError, api_error, grpc_status
+from orchestrator.feedback import FeedbackFanout
 from orchestrator.store import (
     DecisionRecord,
     DecisionStore,
@@ -44,8 +44,8 @@ from orchestrator.store import (
 from orchestrator.validation import InvalidField, to_feedback, to_risk_event, validate_id
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
-from riskcascade.config import ServerSettings, ValidationSettings
-from riskcascade.domain import Outcome
+from riskcascade.core.config import ServerSettings, ValidationSettings
+from riskcascade.core.domain import Outcome
 
 log = logging.getLogger("riskcascade.servicer")
 
@@ -314,7 +314,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
 
     async def _decide_and_store(
         self,
-        event,  # noqa: ANN001 - riskcascade.domain.RiskEvent
+        event,  # noqa: ANN001 - riskcascade.core.domain.RiskEvent
         request_fingerprint: str,
         recorded_event: pb.Event,
         deadline: float,

@@ -13,17 +13,17 @@ from ray.serve.handle import DeploymentHandle
 
 from orchestrator.batching import BatchTimeout, MicroBatcher
 from orchestrator.cascade import NoTimeLeft, StageError
-from riskcascade.config import BatchingSettings
-from riskcascade.domain import (
+from riskcascade.core.config import BatchingSettings
+from riskcascade.core.domain import (
     AdjudicatedCase,
     FastScore,
     LabelRecord,
     ReasonerVerdict,
     ReasoningRequest,
     ScoreRequest,
+    ScorerInfo,
 )
-from riskcascade.telemetry import inject_context, span
-from services.scorer.fast_model import ScorerInfo
+from riskcascade.core.telemetry import inject_context, span
 
 
 async def _call(stage: str, method, argument, timeout_s: float):

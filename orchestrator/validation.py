@@ -3,8 +3,8 @@
 Nothing implausible gets through to a stage: ids match their pattern exactly, ``occurred_at`` lies in the
 configured window (``validation.occurred_at_*``), and every feature value is finite, within the global bound
 ``validation.max_abs_feature_value`` and within the plausible range the deployed model's card declares for it
-(``ranges``: computed from the training data, see ``riskcascade.training``). An out-of-range value is refused, not
-scored and flagged: gradient-boosted trees are flat beyond the training range, so any score there is a guess
+(``ranges``: computed from the training data, see ``riskcascade.modelling.training``). An out-of-range value is refused,
+not scored and flagged: gradient-boosted trees are flat beyond the training range, so any score there is a guess
 with a confident face, and a scored event is folded into the live entity state and stored, where garbage would
 skew the next events of the same account, device and IP.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from risk.v1 import decision_pb2 as pb
-from riskcascade.config import ValidationSettings
-from riskcascade.domain import Entities, EventType, Outcome, RiskEvent
+from riskcascade.core.config import ValidationSettings
+from riskcascade.core.domain import Entities, EventType, Outcome, RiskEvent
 
 # The id format is part of the API (risk/v1/decision.proto: request_id and feedback_id), not a tunable limit.
 ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")

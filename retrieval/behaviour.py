@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from riskcascade.model_card import ModelCard
+from riskcascade.core.model_card import ModelCard
 
 
 class BehaviourEncoder:

@@ -20,8 +20,8 @@ import numpy as np
 import qdrant_edge as qe
 
 from retrieval.case_memory import VECTOR_NAME, BehaviourEncoder, CaseMemory, open_case_memory
-from riskcascade.config import RetrievalSettings
-from riskcascade.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome
+from riskcascade.core.config import RetrievalSettings
+from riskcascade.core.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome
 
 
 def synthetic_cases(n: int, dim: int, seed: int) -> tuple[list[AdjudicatedCase], list[str]]:

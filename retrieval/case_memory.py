@@ -58,8 +58,8 @@ from retrieval.case_nodes import (
 )
 from retrieval.stores import CollectionLayout, CollectionNotFoundError, NamedVectorStore, close_store, open_collection
 from retrieval.text_vectors import EmbeddingCache, TextEmbedder, open_text_embedder
-from riskcascade.config import RetrievalSettings
-from riskcascade.domain import AdjudicatedCase, EventType
+from riskcascade.core.config import RetrievalSettings
+from riskcascade.core.domain import AdjudicatedCase, EventType
 
 __all__ = [
     "BehaviourEncoder",
@@ -187,6 +187,7 @@ class CaseMemory:
         backend: str,
         location: str,
         read_only: bool = False,
+        narrative_cache_entries: int = RetrievalSettings().embedding_cache_entries,
     ):
         self.vector_store = vector_store
         self.encoder = encoder
@@ -194,7 +195,8 @@ class CaseMemory:
         self.backend = backend
         self.location = location
         self.read_only = read_only
-        self.narratives = EmbeddingCache(embedder)  # its counters say how many narratives were embedded / reused
+        # its counters say how many narratives were embedded / reused
+        self.narratives = EmbeddingCache(embedder, narrative_cache_entries)
         self._closed = False
         # The engine serves one thread at a time; writers also share the narrative cache, so they queue on their
         # own lock first (embedding a batch then does not hold up readers). Always ``_writes`` before ``_engine``.
@@ -453,4 +455,5 @@ def open_case_memory(
         backend=opened.backend,
         location=opened.location,
         read_only=read_only,
+        narrative_cache_entries=settings.embedding_cache_entries,
     )

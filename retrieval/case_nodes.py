@@ -18,7 +18,7 @@ from typing import Any
 from llama_index.core.schema import BaseNode, NodeRelationship, RelatedNodeInfo, TextNode
 
 from retrieval.narrative import event_narrative
-from riskcascade.domain import AdjudicatedCase, Entities, EventType, Outcome
+from riskcascade.core.domain import AdjudicatedCase, Entities, EventType, Outcome
 
 CASE_NAMESPACE = uuid.UUID("0b5c1d7e-3f55-5a8e-b1a4-6c2d9e8f7a31")
 """Namespace of case node ids (uuid5 of the case id). Changing it orphans every existing index."""

@@ -16,8 +16,8 @@ from retrieval.policy_documents import load_policy_documents, policy_file_paths
 from retrieval.policy_library import open_policy_library
 from retrieval.stores import NamedVectorStore
 from retrieval.text_vectors import TextEmbedder
-from riskcascade.config import RetrievalSettings
-from riskcascade.domain import AdjudicatedCase
+from riskcascade.core.config import RetrievalSettings
+from riskcascade.core.domain import AdjudicatedCase
 
 
 @dataclass(frozen=True)

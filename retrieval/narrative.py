@@ -3,7 +3,7 @@
 ``event_narrative`` is the one function for stored cases and for query events, so their embeddings are comparable:
 plain-language facts from the features, then the event's free-text fields, quoted. It never sees the outcome, so
 a query cannot leak a label into the search and a stored case's narrative says nothing its features and text do
-not already say. The display ``summary`` of a case (``riskcascade.synthetic``) uses the same fact phrases with
+not already say. The display ``summary`` of a case (``riskcascade.modelling.synthetic``) uses the same fact phrases with
 exact numbers and appends the verdict.
 
 Numbers are rounded to two significant digits in a narrative (an order of 123.45 and one of 118.20 both read
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from riskcascade.domain import EventType
+from riskcascade.core.domain import EventType
 
 NARRATIVE_VERSION = 1
 """Bump when the wording changes: stored narrative vectors are only comparable with queries worded the same way

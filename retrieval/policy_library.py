@@ -33,7 +33,7 @@ from retrieval.policy_documents import (
 )
 from retrieval.stores import CollectionLayout, CollectionNotFoundError, NamedVectorStore, close_store, open_collection
 from retrieval.text_vectors import TextEmbedder, open_text_embedder
-from riskcascade.config import RetrievalSettings
+from riskcascade.core.config import RetrievalSettings
 
 __all__ = [
     "ACTIONS_BY_SEVERITY",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from retrieval.edge_store import EdgeShardNotFoundError, QdrantEdgeVectorStore, shard_exists
-from riskcascade.config import RetrievalSettings
+from riskcascade.core.config import RetrievalSettings
 
 if TYPE_CHECKING:
     from retrieval.qdrant_store import NamedVectorsQdrantStore

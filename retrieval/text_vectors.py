@@ -10,11 +10,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from riskcascade.config import RetrievalSettings
+from riskcascade.core.config import RetrievalSettings
 
-EMBEDDING_CACHE_ENTRIES = 50_000
-"""Texts an ``EmbeddingCache`` keeps (384 float32 each: ~77 MB). Past it the cache starts afresh: indexing stays
-correct, only repeated texts may be embedded again."""
 MANIFEST_DIGEST_CHARS = 16  # 64 bits of the manifest's SHA-256: plenty to tell exports apart
 
 
@@ -43,7 +40,9 @@ class EmbeddingCache:
     Valid because the embedder gives a text the same vector whatever batch it comes in.
     """
 
-    def __init__(self, embedder: TextEmbedder, max_entries: int = EMBEDDING_CACHE_ENTRIES):
+    def __init__(self, embedder: TextEmbedder, max_entries: int = RetrievalSettings().embedding_cache_entries):
+        """Keeps at most ``max_entries`` texts (``retrieval.embedding_cache_entries``); past it the cache starts
+        afresh: indexing stays correct, only repeated texts may be embedded again."""
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.embedder = embedder

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -21,9 +22,8 @@ from pathlib import Path
 
 import click
 
-from riskcascade.config import ConfigError, Settings, load_settings
+from riskcascade.core.config import ConfigError, Settings, load_settings
 
-STOP_TIMEOUT_S = 60.0
 INDEX_MANIFEST = "index-manifest.json"
 
 
@@ -53,8 +53,8 @@ dataset_option = click.option(
 
 
 def _open_dataset(settings: Settings, name: str, write_synthetic_csv: bool = False):  # noqa: ANN202
-    from riskcascade.datasets import open_dataset
-    from riskcascade.datasets.format import DatasetFormatError
+    from riskcascade.modelling.datasets import open_dataset
+    from riskcascade.modelling.datasets.format import DatasetFormatError
 
     try:
         return open_dataset(name, settings, write_synthetic_csv=write_synthetic_csv)
@@ -73,7 +73,7 @@ def train(config: str | None, dataset: str, quiet: bool) -> None:
 
 
 def _train(settings: Settings, progress: bool, dataset: str = "synthetic") -> None:
-    from riskcascade.training import train_model
+    from riskcascade.modelling.training import train_model
 
     started = time.monotonic()
     data, source = _open_dataset(settings, dataset, write_synthetic_csv=dataset == "synthetic")
@@ -112,7 +112,7 @@ def evaluate(config: str | None, dataset: str, out_dir: str | None, repeats: int
     """Train on each split of a data set; report ROC-AUC, AP, recall at 1%/5% FPR, calibration, and PNG plots.
 
     With --cascade: measure what the reasoner adds on the cases the fast model escalates."""
-    from riskcascade.evaluate_model import EvaluationSetupError, run_evaluation
+    from riskcascade.modelling.evaluate_model import EvaluationSetupError, run_evaluation
 
     if cascade:
         _evaluate_cascade(config, dataset, out_dir, backend, split, limit, quiet)
@@ -156,7 +156,7 @@ def _evaluate_cascade(config: str | None, dataset: str, out_dir: str | None, bac
 @click.option("--format", "table_format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True)
 def data(config: str | None, name: str, folder: str, table_format: str) -> None:
     """Write a built-in data set in the documented format (table + dataset.yaml) into FOLDER."""
-    from riskcascade.datasets.format import write_dataset
+    from riskcascade.modelling.datasets.format import write_dataset
 
     settings = _settings(config)
     dataset, _ = _open_dataset(settings, name)
@@ -222,8 +222,8 @@ def _index(settings: Settings, progress: bool, parts: tuple[str, ...] = INDEX_PA
 
 def _cases_to_index(settings: Settings):  # noqa: ANN202 - (cases, BehaviourEncoder); imports stay lazy
     from retrieval.case_memory import BehaviourEncoder
-    from riskcascade.model_card import load_model_card
-    from riskcascade.synthetic import to_adjudicated_case
+    from riskcascade.core.model_card import load_model_card
+    from riskcascade.modelling.synthetic import to_adjudicated_case
 
     try:
         card = load_model_card(settings.model.dir)
@@ -237,10 +237,11 @@ def _cases_to_index(settings: Settings):  # noqa: ANN202 - (cases, BehaviourEnco
 
 def _seed_state(settings: Settings, progress: bool) -> None:
     """Fold the data set's events and label arrivals into an empty live entity state (a time-true model only)."""
-    from riskcascade.datasets.synthetic_source import synthetic_dataset
-    from riskcascade.features import FeatureLayout, timeline_of
-    from riskcascade.state_backends import open_entity_state
-    from riskcascade.state_replay import seed_state
+    from riskcascade.core.features import FeatureLayout
+    from riskcascade.core.state_backends import open_entity_state
+    from riskcascade.core.state_replay import seed_state
+    from riskcascade.modelling.datasets.synthetic_source import synthetic_dataset
+    from riskcascade.modelling.layout_fitting import timeline_of
 
     layout = FeatureLayout.load(settings.model.dir).state
     if layout is None or not settings.state.seed_from_data:
@@ -260,7 +261,7 @@ def _seed_state(settings: Settings, progress: bool) -> None:
 
 
 def _data_events(settings: Settings):  # noqa: ANN202 - {split: list[LabelledEvent]}
-    from riskcascade.datasets import read_split_events
+    from riskcascade.modelling.datasets import read_split_events
 
     try:
         return read_split_events(settings.data.dir)
@@ -283,7 +284,7 @@ def _index_identity(settings: Settings) -> dict[str, dict[str, str]]:
     from retrieval.narrative import NARRATIVE_VERSION
     from retrieval.stores import edge_shard_path
     from retrieval.text_vectors import embedder_identity
-    from riskcascade.model_card import CARD_FILE, load_model_card
+    from riskcascade.core.model_card import CARD_FILE, load_model_card
 
     r = settings.retrieval
     embedder = embedder_identity(r.embedding_dir)
@@ -339,18 +340,7 @@ def up(config: str | None, quiet: bool) -> None:
     settings = _settings(config)
     _refuse_if_running(settings)
     _prepare_security(settings)
-    from riskcascade.model_card import CARD_FILE
-
-    if not (settings.model.dir / CARD_FILE).exists():
-        click.echo(f"no model at {settings.model.dir}: training one (riskcascade train)")
-        _train(settings, progress=not quiet)
-    if stale := _stale_index_parts(settings):
-        click.echo(
-            f"retrieval index of {' and '.join(stale)} missing or built from another model, embedder or policy "
-            "text: indexing (riskcascade index)"
-        )
-        _index(settings, progress=not quiet, parts=stale)
-    _seed_state(settings, progress=not quiet)
+    _prepare_in_child(settings, progress=not quiet)
     from orchestrator.auth import SecurityError
     from orchestrator.platform import PlatformError, run_platform
 
@@ -359,6 +349,46 @@ def up(config: str | None, quiet: bool) -> None:
     except (PlatformError, SecurityError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo("riskcascade stopped")
+
+
+def _prepare_in_child(settings: Settings, progress: bool) -> None:
+    """Train, index and seed the entity state in a spawned child process, then return to serve.
+
+    The gateway process that serves next never loads what set-up needs (LightGBM, onnxruntime, numba, the
+    embedder): it stays small, and the orchestrator imports no replica runtime even after a first start
+    (``tests/test_layers.py`` reads its memory map)."""
+    child = multiprocessing.get_context("spawn").Process(
+        target=_prepare_data, args=(settings, progress), name="riskcascade-setup"
+    )
+    child.start()
+    try:
+        child.join()
+    finally:
+        if child.is_alive():  # this process is being stopped (Ctrl-C): stop set-up with it
+            child.terminate()
+            child.join()
+    if child.exitcode != 0:
+        raise click.ClickException(f"set-up did not finish (exit code {child.exitcode}); its message is above")
+
+
+def _prepare_data(settings: Settings, progress: bool) -> None:
+    """The set-up child: a model, an up-to-date retrieval index and a seeded entity state, each only when needed."""
+    try:
+        from riskcascade.core.model_card import CARD_FILE
+
+        if not (settings.model.dir / CARD_FILE).exists():
+            click.echo(f"no model at {settings.model.dir}: training one (riskcascade train)")
+            _train(settings, progress=progress)
+        if stale := _stale_index_parts(settings):
+            click.echo(
+                f"retrieval index of {' and '.join(stale)} missing or built from another model, embedder or policy "
+                "text: indexing (riskcascade index)"
+            )
+            _index(settings, progress=progress, parts=stale)
+        _seed_state(settings, progress=progress)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
 
 
 def _prepare_security(settings: Settings) -> None:
@@ -424,8 +454,8 @@ def _refuse_if_running(settings: Settings) -> None:
 
 @main.command()
 @config_option
-@click.option("--timeout", type=float, default=STOP_TIMEOUT_S, show_default=True, help="seconds to wait")
-def down(config: str | None, timeout: float) -> None:
+@click.option("--timeout", type=float, default=None, help="seconds to wait  [default: server.stop_wait_s]")
+def down(config: str | None, timeout: float | None) -> None:
     """Stop the running platform cleanly (same as Ctrl-C in its terminal)."""
     settings = _settings(config)
     pid = _running_pid(settings)
@@ -433,6 +463,7 @@ def down(config: str | None, timeout: float) -> None:
         click.echo("riskcascade is not running")
         return
     os.kill(pid, signal.SIGTERM)
+    timeout = settings.server.stop_wait_s if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _process_alive(pid):

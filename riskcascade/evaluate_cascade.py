@@ -5,8 +5,8 @@ On a held-out period of the synthetic data, every event is scored by the fast mo
 every label that had arrived by then, exactly what the live platform computes. The events inside the escalation
 band are the escalated cases; each is reviewed, in time order, by the reasoning service as served
 (services/reasoning/service.py: the case memory built by ``index``, the policy library, the workflow and the
-configured LLM backend), with no deadline pressure (``budget_ms``). The case memory holds every case with the time
-its label arrived, and the agents retrieve only cases whose label was known before the reviewed event: the
+configured LLM backend), with no deadline pressure (``evaluation.review_budget_ms``). The case memory holds every case
+with the time its label arrived, and the agents retrieve only cases whose label was known before the reviewed event: the
 feedback production would have had by then, with the generator's label delays. On those cases we compare:
 - average precision of the fast score alone,
 - average precision of the cascade's score (the merge rule: ``merge.fast_weight`` × fast + the rest × reasoner),
@@ -30,16 +30,14 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
-from orchestrator.merge import MergeRules, merge
-from orchestrator.policy import EscalationPolicy, Route, escalation_policy
-from riskcascade.config import Settings
-from riskcascade.datasets import read_split_events
-from riskcascade.domain import Action, FastScore, ReasonerVerdict, ReasoningRequest
-from riskcascade.model_card import load_model_card
-from riskcascade.synthetic import LabelledEvent, to_risk_event
+from riskcascade.core.config import Settings
+from riskcascade.core.domain import Action, FastScore, ReasonerVerdict, ReasoningRequest
+from riskcascade.core.merge import MergeRules, merge
+from riskcascade.core.model_card import load_model_card
+from riskcascade.core.policy import EscalationPolicy, Route, escalation_policy
+from riskcascade.modelling.datasets import read_split_events
+from riskcascade.modelling.synthetic import LabelledEvent, to_risk_event
 
-SCORING_BATCH = 256
-OFFLINE_BUDGET_MS = 600_000.0  # offline, one case at a time: no deadline pressure on a review
 
 
 @dataclass(frozen=True)
@@ -92,11 +90,11 @@ def is_fallback(verdict: ReasonerVerdict) -> bool:
 
 def run_cascade_evaluation(
     settings: Settings, out_dir: Path, split: str = "test", limit: int | None = None,
-    budget_ms: float = OFFLINE_BUDGET_MS,
     progress: bool = True,
 ) -> CascadeEvaluation:
     from services.scorer.fast_model import FastModel
 
+    budget_ms = settings.evaluation.review_budget_ms
     parts = read_split_events(settings.data.dir)
     events = parts[split]
     card = load_model_card(settings.model.dir)
@@ -105,8 +103,9 @@ def run_cascade_evaluation(
                       prefer_gpu=False)
     x = time_true_inputs(settings.model.dir, parts, split)
     fast = []
-    for start in range(0, len(events), SCORING_BATCH):
-        fast += model.score_matrix(model.model_input(x[start : start + SCORING_BATCH]))
+    batch = settings.evaluation.scoring_batch_size
+    for start in range(0, len(events), batch):
+        fast += model.score_matrix(model.model_input(x[start : start + batch]))
     # Offline, one case at a time with the whole budget: only the band decides what is escalated.
     routes = [band.route(f.score, budget_ms, 0) for f in fast]
     escalated = [i for i, r in enumerate(routes) if r.route is Route.ESCALATE]
@@ -142,10 +141,11 @@ def time_true_inputs(model_dir: Path, parts: dict[str, list], split: str) -> np.
     """The pre-anomaly model input of ``split``'s events (in file order) as the live platform computes it: state
     features by replaying every split's events and label arrivals in time order (a transductive model: its own
     layout's serving path)."""
-    from riskcascade.datasets.synthetic_source import synthetic_dataset
-    from riskcascade.domain import EVENT_TYPE_ATTRIBUTE
-    from riskcascade.features import FeatureLayout, timeline_of
-    from riskcascade.state_replay import replay_features
+    from riskcascade.core.domain import EVENT_TYPE_ATTRIBUTE
+    from riskcascade.core.features import FeatureLayout
+    from riskcascade.core.state_replay import replay_features
+    from riskcascade.modelling.datasets.synthetic_source import synthetic_dataset
+    from riskcascade.modelling.layout_fitting import timeline_of
 
     layout = FeatureLayout.load(model_dir)
     dataset = synthetic_dataset(parts)

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
-from riskcascade.config import load_settings, settings_from_wire
+from riskcascade.core.config import load_settings, settings_from_wire
 
 
 class StageArgs(BaseModel):

@@ -126,9 +126,9 @@ def platform_security(secrets_dir: Path) -> dict:
     }
 
 
-def platform_settings(platform: RunningPlatform):  # noqa: ANN201 - riskcascade.config.Settings
+def platform_settings(platform: RunningPlatform):  # noqa: ANN201 - riskcascade.core.config.Settings
     """The settings a running test platform was started with."""
-    from riskcascade.config import load_settings
+    from riskcascade.core.config import load_settings
 
     return load_settings(platform.config_path)
 

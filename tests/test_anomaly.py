@@ -2,7 +2,8 @@
 
 onnxruntime's Log gives the last ``n % 4`` rows of an n-row call a value computed by scalar ``logf`` (its SIMD
 blocks cover the rest), which can differ from the SIMD value in the last bit; the compiled path gives every row
-the SIMD value. So the comparisons with onnxruntime use calls of a multiple of 8 rows (see riskcascade/anomaly.py).
+the SIMD value. So the comparisons with onnxruntime use calls of a multiple of 8 rows (see
+riskcascade/modelling/anomaly.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from riskcascade import anomaly
-from riskcascade.anomaly import (
+from riskcascade.modelling import anomaly
+from riskcascade.modelling.anomaly import (
     METHOD_COMPILED,
     METHOD_ONNXRUNTIME,
     AnomalyScorer,

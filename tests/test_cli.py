@@ -49,10 +49,15 @@ def _small_platform(tmp_path):
 
     import numpy as np
 
-    from riskcascade.model_card import (
-        CalibrationSpec, FeatureScaling, ModelCard, OnnxSpec, Thresholds, write_model_card,
+    from riskcascade.core.model_card import (
+        CalibrationSpec,
+        FeatureScaling,
+        ModelCard,
+        OnnxSpec,
+        Thresholds,
+        write_model_card,
     )
-    from riskcascade.synthetic import FEATURE_NAMES, generate_events, split_events, write_events_csv
+    from riskcascade.modelling.synthetic import FEATURE_NAMES, generate_events, split_events, write_events_csv
 
     events = generate_events(500, seed=4)  # fraud comes in bursts: 500 events put both labels in every part
     for name, part in split_events(events, 4).items():  # `index` reads every split (labels carry their time)
@@ -78,7 +83,7 @@ def _small_platform(tmp_path):
 
 def test_index_builds_cases_and_policies_idempotently(tmp_path):
     from riskcascade.cli import _stale_index_parts
-    from riskcascade.config import load_settings
+    from riskcascade.core.config import load_settings
 
     cfg, n_events = _small_platform(tmp_path)
     settings = load_settings(cfg)

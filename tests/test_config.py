@@ -1,8 +1,10 @@
 """The typed configuration: sources, precedence and errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
-from riskcascade.config import ConfigError, load_settings
+from riskcascade.core.config import ConfigError, load_settings
 
 
 def test_defaults_resolve_paths_absolute():
@@ -47,7 +49,26 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_wire_round_trip():
-    from riskcascade.config import settings_from_wire
+    from riskcascade.core.config import settings_from_wire
 
     s = load_settings()
     assert settings_from_wire(s.to_wire()) == s
+
+
+def test_the_scorer_batching_is_set_once_in_the_serve_config_and_a_missing_key_is_named():
+    """deploy/serve.yaml's user_config is the only place the scorer's batch size and wait are set: it validates,
+    and a user_config without them is refused by name instead of served on Ray's own batch defaults."""
+    import yaml
+
+    from services.scorer.deployment import FastScorer, ScorerUserConfig
+
+    serve = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml").read_text())
+    (scorer,) = [d for app in serve["applications"] for d in app["deployments"] if d["name"] == "FastScorer"]
+    config = ScorerUserConfig.model_validate(scorer["user_config"])
+    assert config.max_batch_size <= scorer["max_ongoing_requests"]  # or batches never fill (ray#43288)
+
+    replica = FastScorer.func_or_class.__new__(FastScorer.func_or_class)
+    with pytest.raises(ValueError, match="batch_wait_timeout_s"):
+        replica.reconfigure({"max_batch_size": 8})
+    with pytest.raises(ValueError, match="max_batch_sise"):
+        replica.reconfigure({"max_batch_sise": 8, "batch_wait_timeout_s": 0.001})

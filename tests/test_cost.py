@@ -18,8 +18,8 @@ from loadtest.cost import (
     platform_cpu_ms_per_decision,
     read_platform_cpu_ms_per_decision,
 )
-from orchestrator.policy import EscalationPolicy, Route
-from riskcascade.config import ConfigError, PricingSettings, load_settings
+from riskcascade.core.config import ConfigError, PricingSettings, load_settings
+from riskcascade.core.policy import EscalationPolicy, Route
 
 # Prices chosen so the arithmetic is easy by hand: 0.036 USD per CPU-hour = 0.00001 USD per CPU-second.
 PRICING = PricingSettings(

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from riskcascade.datasets.format import (
+from riskcascade.modelling.datasets.format import (
     Dataset,
     DatasetFormatError,
     DatasetSpec,
@@ -23,9 +23,9 @@ from riskcascade.datasets.format import (
     read_table,
     write_dataset,
 )
-from riskcascade.datasets.splits import stratified_split
-from riskcascade.datasets.synthetic_source import synthetic_dataset
-from riskcascade.synthetic import generate_events, split_events
+from riskcascade.modelling.datasets.splits import stratified_split
+from riskcascade.modelling.datasets.synthetic_source import synthetic_dataset
+from riskcascade.modelling.synthetic import generate_events, split_events
 
 # Six events; every split part holds a fraud and a legitimate row. Row numbers in errors are these + 1.
 BASE_ROWS = [
@@ -283,7 +283,7 @@ def test_non_yaml_descriptor_is_refused(tmp_path, text):
 def test_descriptor_that_is_not_a_mapping_is_refused(tmp_path, text):
     path = tmp_path / "dataset.yaml"
     path.write_text(text, encoding="utf-8")
-    assert refusal(path) == f"{path}: a descriptor is a YAML mapping (see riskcascade.datasets.format)"
+    assert refusal(path) == f"{path}: a descriptor is a YAML mapping (see riskcascade.modelling.datasets.format)"
 
 
 def test_missing_descriptor_is_refused(tmp_path):

@@ -9,7 +9,7 @@ import asyncio
 import grpc
 
 from risk.v1 import decision_pb2 as pb
-from riskcascade.config import ServerSettings
+from riskcascade.core.config import ServerSettings
 from tests.test_resilience import PATIENCE_S, Gateway, _until, request, run
 
 

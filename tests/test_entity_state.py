@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from riskcascade.config import StateSettings
-from riskcascade.entity_state import (
+from riskcascade.core.config import StateSettings
+from riskcascade.core.entity_state import (
     EmbeddedEntityState,
     EntityBook,
     EntityRecord,
@@ -23,8 +23,8 @@ from riskcascade.entity_state import (
     StateEvent,
     StateLayout,
 )
-from riskcascade.state_backends import open_entity_state
-from riskcascade.state_replay import Timeline, replay_features
+from riskcascade.core.state_backends import open_entity_state
+from riskcascade.core.state_replay import Timeline, replay_features
 from tests.redis_server import redis_url  # noqa: F401 - the session's Redis server (fixture)
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
@@ -70,7 +70,7 @@ class Backend:
         elif self.kind == "log":
             state = EmbeddedEntityState(layout, self.tmp_path / "state.sqlite")
         else:
-            from riskcascade.state_redis import RedisEntityState
+            from riskcascade.core.state_redis import RedisEntityState
 
             state = RedisEntityState(layout, self.request.getfixturevalue("redis_url"), self.prefix)
         self.opened.append(state)
@@ -192,7 +192,7 @@ def test_a_duplicate_event_id_is_folded_once(backend):
 
 
 def test_two_redis_replicas_racing_on_one_event_fold_it_once(redis_url, monkeypatch):  # noqa: F811
-    from riskcascade.state_redis import RedisEntityState
+    from riskcascade.core.state_redis import RedisEntityState
 
     prefix = f"t{uuid.uuid4().hex[:12]}"
     first, second = RedisEntityState(LAYOUT, redis_url, prefix), RedisEntityState(LAYOUT, redis_url, prefix)
@@ -217,7 +217,7 @@ def test_two_redis_replicas_racing_on_one_event_fold_it_once(redis_url, monkeypa
 
 
 def test_two_redis_replicas_racing_on_labels_of_one_event_count_the_first(redis_url, monkeypatch):  # noqa: F811
-    from riskcascade.state_redis import RedisEntityState
+    from riskcascade.core.state_redis import RedisEntityState
 
     prefix = f"t{uuid.uuid4().hex[:12]}"
     first, second = RedisEntityState(LAYOUT, redis_url, prefix), RedisEntityState(LAYOUT, redis_url, prefix)
@@ -346,7 +346,10 @@ def test_idle_time_survives_trimming_and_expiry(backend):
 
 
 def test_redis_trims_and_expires_history_but_keeps_what_counts_for_good(redis_url):  # noqa: F811
-    from riskcascade.state_redis import LATE_ALLOWANCE_S, RedisEntityState
+    from riskcascade.core.config import StateSettings
+    from riskcascade.core.state_redis import RedisEntityState
+
+    LATE_ALLOWANCE_S = StateSettings().redis_late_allowance_s
 
     events = busy_sequence(23)
     prefix = f"t{uuid.uuid4().hex[:12]}"
@@ -374,7 +377,7 @@ def test_redis_trims_and_expires_history_but_keeps_what_counts_for_good(redis_ur
 def test_redis_steps_in_two_round_trips(redis_url, monkeypatch):  # noqa: F811
     from redis.connection import AbstractConnection
 
-    from riskcascade.state_redis import RedisEntityState
+    from riskcascade.core.state_redis import RedisEntityState
 
     state = RedisEntityState(LAYOUT, redis_url, f"t{uuid.uuid4().hex[:12]}")
     state.step([ev("warm", T, account="a0")])  # connects
@@ -397,7 +400,7 @@ def test_redis_steps_in_two_round_trips(redis_url, monkeypatch):  # noqa: F811
 
 
 def test_settings_choose_the_backend(tmp_path, redis_url):  # noqa: F811
-    from riskcascade.state_redis import RedisEntityState
+    from riskcascade.core.state_redis import RedisEntityState
 
     embedded = open_entity_state(StateSettings(log_path=tmp_path / "s.sqlite"), LAYOUT)
     assert isinstance(embedded, EmbeddedEntityState) and (tmp_path / "s.sqlite").exists()
@@ -515,7 +518,7 @@ def defined_window_features(history: list[tuple[float, tuple[float, ...]]], t: f
     """An account's window features straight from their definitions, over ``(time, values)`` in history order
     (time order, ties in fold order): sums add the values present in that order from 0.0, a mean divides by their
     count, a max is the first largest."""
-    from riskcascade.entity_state import SUM_WINDOWS, window_label
+    from riskcascade.core.entity_state import SUM_WINDOWS, window_label
 
     labels = [window_label(w) for w in layout.windows_s]
     out: dict[str, float] = {}

@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from riskcascade.evaluation import (
+from riskcascade.modelling.evaluation import (
     FIGURE_DPI,
     FIGURE_SIZE_IN,
     RISK_TYPE_RECALL,
@@ -188,7 +188,7 @@ def _dataset(n: int = 40, time_column: bool = True, split_column: bool = False, 
 
     import pandas as pd
 
-    from riskcascade.datasets.format import DatasetSpec, dataset_from_frame
+    from riskcascade.modelling.datasets.format import DatasetSpec, dataset_from_frame
 
     labels = np.where(np.arange(n) % 2 == 0, "1", "0").astype(object)
     labels[n - unlabelled:] = ""
@@ -208,13 +208,13 @@ def _dataset(n: int = 40, time_column: bool = True, split_column: bool = False, 
 
 
 def _training(rule: str = "auto"):
-    from riskcascade.config import TrainingSettings
+    from riskcascade.core.config import TrainingSettings
 
     return TrainingSettings(split_rule=rule)
 
 
 def test_evaluation_splits_by_time_once_and_refuses_repeats():
-    from riskcascade.evaluate_model import EvaluationSetupError, evaluation_splits
+    from riskcascade.modelling.evaluate_model import EvaluationSetupError, evaluation_splits
 
     data = _dataset()
     (choice,) = evaluation_splits(data, _training(), seed=7)
@@ -226,7 +226,7 @@ def test_evaluation_splits_by_time_once_and_refuses_repeats():
 
 
 def test_evaluation_splits_refuses_repeats_with_fixed_split_columns():
-    from riskcascade.evaluate_model import EvaluationSetupError, evaluation_splits
+    from riskcascade.modelling.evaluate_model import EvaluationSetupError, evaluation_splits
 
     data = _dataset(split_column=True)
     assert [c.name for c in evaluation_splits(data, _training(), seed=7)] == ["split"]
@@ -235,7 +235,7 @@ def test_evaluation_splits_refuses_repeats_with_fixed_split_columns():
 
 
 def test_evaluation_splits_turns_a_split_it_cannot_choose_into_a_setup_error():
-    from riskcascade.evaluate_model import EvaluationSetupError, evaluation_splits
+    from riskcascade.modelling.evaluate_model import EvaluationSetupError, evaluation_splits
 
     with pytest.raises(EvaluationSetupError, match="needs a time_column"):
         evaluation_splits(_dataset(time_column=False), _training("time"), seed=7)
@@ -244,8 +244,8 @@ def test_evaluation_splits_turns_a_split_it_cannot_choose_into_a_setup_error():
 
 
 def test_protocol_line_says_how_splits_features_and_labels_were_made():
-    from riskcascade.datasets.splits import choose_split
-    from riskcascade.evaluate_model import describe_protocol
+    from riskcascade.modelling.datasets.splits import choose_split
+    from riskcascade.modelling.evaluate_model import describe_protocol
 
     timed = _dataset(unlabelled=2)
     line = describe_protocol(timed, [choose_split(timed, 0, "auto", 0.15, 0.15, 7)])

@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loadtest.events import decide_request
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
-from riskcascade.synthetic import read_events_csv
+from riskcascade.modelling.synthetic import read_events_csv
 from tests.conftest import platform_channel, platform_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.disrupts_platform]

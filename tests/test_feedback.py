@@ -14,8 +14,8 @@ from orchestrator.feedback import FeedbackFanout
 from orchestrator.servicer import DecisionServicer
 from orchestrator.store import DecisionRecord, DecisionStore
 from risk.v1 import decision_pb2 as pb
-from riskcascade.config import ServerSettings
-from riskcascade.domain import AdjudicatedCase, LabelRecord, Outcome
+from riskcascade.core.config import ServerSettings
+from riskcascade.core.domain import AdjudicatedCase, LabelRecord, Outcome
 
 
 class Aborted(Exception):

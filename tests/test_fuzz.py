@@ -37,8 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.events import decide_request
 from risk.v1 import decision_pb2 as pb
-from riskcascade.config import load_settings
-from riskcascade.synthetic import read_events_csv
+from riskcascade.core.config import load_settings
+from riskcascade.modelling.synthetic import read_events_csv
 
 pytestmark = pytest.mark.slow
 

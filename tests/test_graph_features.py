@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from riskcascade.graph_features import (
+from riskcascade.core.graph_features import (
     LINK_STATS,
     GraphHistory,
     build_graph_features,

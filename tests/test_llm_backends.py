@@ -24,7 +24,7 @@ import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.llms import LLM
 
-from riskcascade.config import LLMSettings
+from riskcascade.core.config import LLMSettings
 from services.reasoning.llm.base import ERROR, FINISH_REASON, LENGTH, STOP, TIMEOUT, ModelAnswer, ask_for_json
 from services.reasoning.llm.local_model import LocalModelNotInstalledError, llama_cpp_available, smollm2_gguf_path
 from tests.conftest import free_port

@@ -12,9 +12,9 @@ import pytest
 from retrieval.case_memory import BehaviourEncoder, open_case_memory
 from retrieval.policy_documents import load_policy_documents
 from retrieval.policy_library import open_policy_library
-from riskcascade.config import LLMSettings, RetrievalSettings
-from riskcascade.domain import Action
-from riskcascade.synthetic import FEATURE_NAMES, to_adjudicated_case
+from riskcascade.core.config import LLMSettings, RetrievalSettings
+from riskcascade.core.domain import Action
+from riskcascade.modelling.synthetic import FEATURE_NAMES, to_adjudicated_case
 from tests.test_llm_backends import _openai_llm, gguf, llama_llm, llama_server, settings  # noqa: F401 (fixtures)
 from tests.test_reasoning_workflow import busy_event, data, request_for, review, workflow_with  # noqa: F401
 

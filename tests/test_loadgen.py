@@ -36,7 +36,7 @@ from loadtest.loadgen import (
 from loadtest.machine import ProcessGroups, cpu_usage
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
-from riskcascade.config import SecuritySettings
+from riskcascade.core.config import SecuritySettings
 
 REPO = Path(__file__).resolve().parent.parent
 CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -8,8 +8,8 @@ import pytest
 
 from retrieval.case_nodes import case_narrative
 from retrieval.narrative import event_narrative, feature_facts
-from riskcascade.domain import RISK_TYPES, EventType, Outcome
-from riskcascade.synthetic import generate_events, to_adjudicated_case
+from riskcascade.core.domain import RISK_TYPES, EventType, Outcome
+from riskcascade.modelling.synthetic import generate_events, to_adjudicated_case
 
 LABEL_WORDS = ("fraud", "legitimate", "verdict", *RISK_TYPES, *(r.replace("_", " ") for r in RISK_TYPES))
 

@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 from loadtest.events import EVENT_TYPES, decide_request
 from risk.v1 import decision_pb2 as pb
 from riskcascade.evaluate_cascade import time_true_inputs
-from riskcascade.synthetic import LabelledEvent, read_events_csv
+from riskcascade.modelling.synthetic import LabelledEvent, read_events_csv
 from services.scorer.fast_model import FastModel
 from tests.conftest import platform_settings, venv_tool
 

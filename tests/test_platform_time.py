@@ -18,9 +18,9 @@ import pytest
 from loadtest.events import decide_request
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc
-from riskcascade.entity_state import EntityBook, LabelEvent, StateEvent
-from riskcascade.features import FeatureLayout
-from riskcascade.synthetic import LabelledEvent, read_events_csv
+from riskcascade.core.entity_state import EntityBook, LabelEvent, StateEvent
+from riskcascade.core.features import FeatureLayout
+from riskcascade.modelling.synthetic import LabelledEvent, read_events_csv
 from tests.conftest import platform_channel, start_platform, stop_platform, write_platform_config
 from tests.redis_server import redis_server_binary, running_redis
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from retrieval.policy_library import ACTIONS_BY_SEVERITY, PolicyDocument, parse_policy
-from riskcascade.domain import RISK_TYPES, Entities
-from riskcascade.synthetic import FEATURE_NAMES
+from riskcascade.core.domain import RISK_TYPES, Entities
+from riskcascade.modelling.synthetic import FEATURE_NAMES
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "retrieval" / "policies"
 FRONT_MATTER_KEYS = {"policy_id", "risk_type", "version", "title", "allowed_actions"}

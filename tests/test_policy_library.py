@@ -21,8 +21,8 @@ from retrieval.policy_library import (
     load_policy_documents,
     open_policy_library,
 )
-from riskcascade.config import RetrievalSettings
-from riskcascade.domain import RISK_TYPES
+from riskcascade.core.config import RetrievalSettings
+from riskcascade.core.domain import RISK_TYPES
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY_DIR = REPO / "retrieval" / "policies"

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.merge import MergeRules, fast_model_failed, merge
-from orchestrator.policy import EscalationPolicy, Route
-from riskcascade.domain import Action, EventType, FastScore, ReasonCode, ReasonerVerdict, Stage
+from riskcascade.core.domain import Action, EventType, FastScore, ReasonCode, ReasonerVerdict, Stage
+from riskcascade.core.merge import MergeRules, fast_model_failed, merge
+from riskcascade.core.policy import EscalationPolicy, Route
 
 POLICY = EscalationPolicy(band_low=0.2, band_high=0.8, min_reasoner_budget_ms=50, max_in_flight=4)
 RULES = MergeRules(

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from riskcascade.config import ReasonerSettings, ReflectionSettings
-from riskcascade.domain import RISK_TYPES, Action, Outcome
+from riskcascade.core.config import ReasonerSettings, ReflectionSettings
+from riskcascade.core.domain import RISK_TYPES, Action, Outcome
 from services.reasoning.case_file import CaseFile, EvidenceItem, EvidenceKind, item_from_prompt
 from services.reasoning.evidence_weighing import weigh
 from services.reasoning.llm.base import ask_for_json

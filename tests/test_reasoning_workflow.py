@@ -36,10 +36,15 @@ from retrieval.case_memory import BehaviourEncoder, open_case_memory
 from retrieval.narrative import event_narrative
 from retrieval.policy_documents import load_policy_documents
 from retrieval.policy_library import open_policy_library
-from riskcascade.config import LLMSettings, ReasonerSettings, ReflectionSettings, RetrievalSettings
-from riskcascade.domain import Action, FastScore, Outcome, ReasoningRequest, RiskEvent
-from riskcascade.synthetic import (
-    FEATURE_NAMES, NOTE_FIELD, generate_events, split_events, to_adjudicated_case, to_risk_event,
+from riskcascade.core.config import LLMSettings, ReasonerSettings, ReflectionSettings, RetrievalSettings
+from riskcascade.core.domain import Action, FastScore, Outcome, ReasoningRequest, RiskEvent
+from riskcascade.modelling.synthetic import (
+    FEATURE_NAMES,
+    NOTE_FIELD,
+    generate_events,
+    split_events,
+    to_adjudicated_case,
+    to_risk_event,
 )
 from services.reasoning.agents import PolicyAgent, SimilarCaseAgent, StructuredDataAgent
 from services.reasoning.evidence_weighing import weigh

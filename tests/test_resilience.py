@@ -24,14 +24,14 @@ from orchestrator.breaker import CircuitBreaker, CircuitState
 from orchestrator.cascade import Cascade, CascadeVersions, StageError, StageLimits
 from orchestrator.errors import RETRY_AFTER_KEY
 from orchestrator.health import SERVICE_NAME, StageHealth
-from orchestrator.merge import MergeRules
-from orchestrator.policy import EscalationPolicy
 from orchestrator.servicer import DecisionServicer
 from orchestrator.store import DecisionStore
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
-from riskcascade.config import MergeSettings, ServerSettings
-from riskcascade.domain import Action, EventType, FastScore, ReasonerVerdict
+from riskcascade.core.config import MergeSettings, ServerSettings
+from riskcascade.core.domain import Action, EventType, FastScore, ReasonerVerdict
+from riskcascade.core.merge import MergeRules
+from riskcascade.core.policy import EscalationPolicy
 
 # Generous on a loaded 2-core machine: scripted stages answer in microseconds, so every bound below is >10x what
 # the path needs; the assertions that matter are about order and outcome, not speed.

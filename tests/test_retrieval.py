@@ -46,10 +46,10 @@ from retrieval.embedding import OnnxMiniLMEmbedding
 from retrieval.indexing import build_case_index
 from retrieval.narrative import event_narrative
 from retrieval.stores import LegacyEdgeLayoutError
-from riskcascade.config import RetrievalSettings
-from riskcascade.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome
-from riskcascade.model_card import CalibrationSpec, FeatureScaling, ModelCard, OnnxSpec, Thresholds
-from riskcascade.synthetic import FEATURE_NAMES, generate_events, to_adjudicated_case
+from riskcascade.core.config import RetrievalSettings
+from riskcascade.core.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome
+from riskcascade.core.model_card import CalibrationSpec, FeatureScaling, ModelCard, OnnxSpec, Thresholds
+from riskcascade.modelling.synthetic import FEATURE_NAMES, generate_events, to_adjudicated_case
 
 BACKENDS = ["edge", "qdrant"]
 ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "var" / "embedding"  # `make embedding` exports it

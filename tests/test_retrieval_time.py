@@ -25,9 +25,9 @@ from retrieval.case_nodes import case_narrative, time_order_key
 from retrieval.embedding import OnnxMiniLMEmbedding
 from retrieval.policy_documents import load_policy_documents
 from retrieval.policy_library import open_policy_library
-from riskcascade.config import ReasonerSettings
-from riskcascade.domain import AdjudicatedCase, Outcome
-from riskcascade.synthetic import FEATURE_NAMES, generate_events, to_adjudicated_case, to_risk_event
+from riskcascade.core.config import ReasonerSettings
+from riskcascade.core.domain import AdjudicatedCase, Outcome
+from riskcascade.modelling.synthetic import FEATURE_NAMES, generate_events, to_adjudicated_case, to_risk_event
 from services.reasoning.agents import SimilarCaseAgent, StructuredDataAgent
 from services.reasoning.llm.evidence_backend import EvidenceWeightedLLM
 from services.reasoning.service import ReasoningService

@@ -32,7 +32,7 @@ from orchestrator.client import channel_credentials, open_aio_channel
 from orchestrator.server import DecisionServer, ServerMaterial
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc
-from riskcascade.config import SecuritySettings, load_settings, settings_from_wire
+from riskcascade.core.config import SecuritySettings, load_settings, settings_from_wire
 from riskcascade.dev_secrets import DevMaterialError, ensure_dev_material
 from tests.conftest import platform_security, platform_settings
 

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from riskcascade.entity_state import EmbeddedEntityState, StateLayout
-from riskcascade.state_replay import Timeline, replay_features, seed_state
+from riskcascade.core.entity_state import EmbeddedEntityState, StateLayout
+from riskcascade.core.state_replay import Timeline, replay_features, seed_state
 
 DAY = 86400.0
 LAYOUT = StateLayout(("account_id", "device_id", "ip"), ("amount",), (3600, 86400, 604800, 2592000), 2592000)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from riskcascade.domain import RISK_TYPES, EventType, Outcome
-from riskcascade.synthetic import (
+from riskcascade.core.domain import RISK_TYPES, EventType, Outcome
+from riskcascade.modelling.synthetic import (
     CSV_COLUMNS,
     FEATURE_DESCRIPTIONS,
     FEATURE_NAMES,

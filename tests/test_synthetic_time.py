@@ -11,9 +11,9 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from riskcascade.datasets.synthetic_source import synthetic_dataset
-from riskcascade.domain import RISK_TYPES
-from riskcascade.synthetic import (
+from riskcascade.core.domain import RISK_TYPES
+from riskcascade.modelling.datasets.synthetic_source import synthetic_dataset
+from riskcascade.modelling.synthetic import (
     WINDOW_DAYS,
     WINDOW_START,
     LabelledEvent,
@@ -22,7 +22,7 @@ from riskcascade.synthetic import (
     generate_events,
     split_events,
 )
-from riskcascade.synthetic_marketplace import NEW_ACCOUNT_DAYS
+from riskcascade.modelling.synthetic_marketplace import NEW_ACCOUNT_DAYS
 
 N_EVENTS = 3000
 SEED = 11

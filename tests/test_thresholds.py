@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from riskcascade.thresholds import (
+from riskcascade.core.thresholds import (
     RULE_COST,
     BandCosts,
     assess_band,
@@ -118,5 +118,5 @@ def test_share_band_holds_the_target_share_closest_to_the_centre():
 
 
 def test_share_band_is_trainings_rule():
-    training = pytest.importorskip("riskcascade.training")
+    training = pytest.importorskip("riskcascade.modelling.training")
     assert training.band_by_share is band_by_share  # training chooses its band with this very function

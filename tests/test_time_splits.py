@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from riskcascade.datasets.format import Dataset, DatasetSpec, dataset_from_frame
-from riskcascade.datasets.splits import SplitChoice, choose_split, time_split
+from riskcascade.modelling.datasets.format import Dataset, DatasetSpec, dataset_from_frame
+from riskcascade.modelling.datasets.splits import SplitChoice, choose_split, time_split
 
 SHARES = (0.15, 0.15)
 PART_ORDER = {"train": 0, "valid": 1, "test": 2}

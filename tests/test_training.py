@@ -13,37 +13,39 @@ import pytest
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
-
 from click.testing import CliRunner  # noqa: E402
 
-from riskcascade.anomaly import ANOMALY_FEATURE, ANOMALY_FILE  # noqa: E402
-from riskcascade.calibration import PlattCalibrator, logit, sigmoid  # noqa: E402
 from riskcascade.cli import main  # noqa: E402
-from riskcascade.config import load_settings  # noqa: E402
-from riskcascade.datasets import SPLIT_FILES, open_dataset, read_split_events  # noqa: E402
-from riskcascade.datasets.format import Dataset, DatasetSpec, dataset_from_frame, write_dataset  # noqa: E402
-from riskcascade.datasets.synthetic_source import synthetic_dataset  # noqa: E402
-from riskcascade.domain import ScoreRequest  # noqa: E402
-from riskcascade.features import GRAPH_FILE, LAYOUT_FILE  # noqa: E402
-from riskcascade.model_card import BOOSTER_FILE, CARD_FILE, ONNX_FILE, load_model_card  # noqa: E402
-from riskcascade.model_metrics import (  # noqa: E402
+from riskcascade.core.calibration import PlattCalibrator, logit, sigmoid  # noqa: E402
+from riskcascade.core.config import TrainingSettings, load_settings  # noqa: E402
+from riskcascade.core.domain import ScoreRequest  # noqa: E402
+from riskcascade.core.entity_state import EmbeddedEntityState, LabelEvent  # noqa: E402
+from riskcascade.core.features import (  # noqa: E402
+    GRAPH_FILE,
+    LAYOUT_FILE,
+    FeatureLayout,  # noqa: E402
+)
+from riskcascade.core.model_card import BOOSTER_FILE, CARD_FILE, ONNX_FILE, load_model_card  # noqa: E402
+from riskcascade.core.thresholds import band_by_share  # noqa: E402
+from riskcascade.evaluate_cascade import time_true_inputs  # noqa: E402
+from riskcascade.modelling.anomaly import ANOMALY_FEATURE, ANOMALY_FILE  # noqa: E402
+from riskcascade.modelling.datasets import SPLIT_FILES, open_dataset, read_split_events  # noqa: E402
+from riskcascade.modelling.datasets.format import Dataset, DatasetSpec, dataset_from_frame, write_dataset  # noqa: E402
+from riskcascade.modelling.datasets.synthetic_source import synthetic_dataset  # noqa: E402
+from riskcascade.modelling.model_metrics import (  # noqa: E402
     expected_calibration_error,
     recall_at_fpr,
     threshold_at_fpr,
 )
-from riskcascade.synthetic import FEATURE_NAMES, generate_events, read_events_csv, split_events  # noqa: E402
-from riskcascade.thresholds import band_by_share  # noqa: E402
-from riskcascade.training import (  # noqa: E402
-    PARITY_TOLERANCE,
+from riskcascade.modelling.synthetic import FEATURE_NAMES, generate_events, read_events_csv, split_events  # noqa: E402
+from riskcascade.modelling.training import (  # noqa: E402
     check_onnx_parity,
     snap_thresholds_to_float32,
     train_model,
 )
-from riskcascade.entity_state import EmbeddedEntityState, LabelEvent  # noqa: E402
-from riskcascade.evaluate_cascade import time_true_inputs  # noqa: E402
-from riskcascade.features import FeatureLayout  # noqa: E402
 from services.scorer.fast_model import FastModel  # noqa: E402
 
+PARITY_TOLERANCE = TrainingSettings().onnx_parity_tolerance
 N_EVENTS = 6000
 SEED = 5
 

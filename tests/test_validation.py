@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from orchestrator.validation import InvalidField, to_feedback, to_risk_event
 from risk.v1 import decision_pb2 as pb
-from riskcascade.domain import EventType
+from riskcascade.core.domain import EventType
 
 FEATURES = ("amount", "account_age_days", "new_device")
 
@@ -104,7 +104,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from orchestrator.validation import validate_id  # noqa: E402
-from riskcascade.config import ValidationSettings  # noqa: E402
+from riskcascade.core.config import ValidationSettings  # noqa: E402
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 RANGES = {"amount": (0.0, 10_000.0), "account_age_days": (0.0, 8_000.0), "new_device": (0.0, 2.0)}
@@ -215,7 +215,7 @@ def test_caller_input_quoted_in_an_error_is_short_and_printable():
 # -- the model card's ranges: computed at training, exposed by the scorer ---------------------------------------
 
 def test_plausible_ranges_widen_the_training_extremes_and_keep_signs():
-    from riskcascade.training import observed_extremes, plausible_ranges
+    from riskcascade.modelling.training import observed_extremes, plausible_ranges
 
     values = np.array([[0.0, 1.0, 5.0, -3.0, np.nan, 0.0], [10.0, 1.0, 7.0, -1.0, np.nan, 0.0]])
     extremes = observed_extremes(["amount", "flag", "age", "delta", "never", "zero"], values)
@@ -230,7 +230,7 @@ def test_plausible_ranges_widen_the_training_extremes_and_keep_signs():
 
 
 def card_with(**extra):
-    from riskcascade.model_card import ModelCard
+    from riskcascade.core.model_card import ModelCard
 
     return ModelCard.model_validate({
         "version": "m1", "created_at": "2026-01-01T00:00:00+00:00", "feature_names": ["amount", "new_device"],

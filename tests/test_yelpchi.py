@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from riskcascade.datasets.format import DatasetFormatError
-from riskcascade.datasets.yelpchi import (
+from riskcascade.modelling.datasets.format import DatasetFormatError
+from riskcascade.modelling.datasets.yelpchi import (
     FEATURE_DESCRIPTIONS,
     PACKAGE,
     load_yelpchi,

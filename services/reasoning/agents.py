@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from riskcascade.domain import RiskEvent
+from riskcascade.core.domain import RiskEvent
 from services.reasoning.case_file import EvidenceItem, EvidenceKind, evidence_id
 
 if TYPE_CHECKING:
     from retrieval.case_memory import CaseMemory, RetrievedCase
     from retrieval.policy_library import PolicyLibrary
-    from riskcascade.domain import AdjudicatedCase
+    from riskcascade.core.domain import AdjudicatedCase
 
 ACCOUNT = "account_id"
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from riskcascade.domain import Evidence, Outcome
+from riskcascade.core.domain import Evidence, Outcome
 
 
 class EvidenceKind:

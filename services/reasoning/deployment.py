@@ -6,9 +6,9 @@ from typing import Any
 
 from ray import serve
 
-from riskcascade.config import Settings, settings_from_wire
-from riskcascade.domain import AdjudicatedCase, ReasonerVerdict, ReasoningRequest
-from riskcascade.telemetry import configure_tracing, inject_context, span
+from riskcascade.core.config import Settings, settings_from_wire
+from riskcascade.core.domain import AdjudicatedCase, ReasonerVerdict, ReasoningRequest
+from riskcascade.core.telemetry import configure_tracing, inject_context, span
 from services.reasoning.service import ReasoningService, open_reasoning_service
 
 

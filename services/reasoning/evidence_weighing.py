@@ -32,8 +32,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from riskcascade.config import ReasonerSettings
-from riskcascade.domain import Action
+from riskcascade.core.config import ReasonerSettings
+from riskcascade.core.domain import Action
 from services.reasoning.case_file import EvidenceItem, EvidenceKind
 
 PROBABILITY_FLOOR = 1e-6  # keeps log-odds finite for a score of exactly 0 or 1

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from riskcascade.config import ReasonerSettings, ReflectionSettings
-from riskcascade.domain import Action
+from riskcascade.core.config import ReasonerSettings, ReflectionSettings
+from riskcascade.core.domain import Action
 from services.reasoning.case_file import CaseFile
 from services.reasoning.evidence_weighing import Weighing, action_for
 from services.reasoning.schema import NO_RISK_TYPE, VerdictDraft

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from riskcascade.domain import RISK_TYPES
+from riskcascade.core.domain import RISK_TYPES
 
 NO_RISK_TYPE = "none"
 RATIONALE_MAX_CHARS = 400

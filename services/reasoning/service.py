@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from retrieval.case_memory import BehaviourEncoder, CaseMemory, CaseMemoryReadOnlyError, open_case_memory
 from retrieval.narrative import feature_facts
 from retrieval.policy_library import PolicyLibrary, open_policy_library
-from riskcascade.config import Settings
-from riskcascade.domain import AdjudicatedCase, Outcome, ReasonerVerdict, ReasoningRequest
-from riskcascade.model_card import load_model_card
+from riskcascade.core.config import Settings
+from riskcascade.core.domain import AdjudicatedCase, Outcome, ReasonerVerdict, ReasoningRequest
+from riskcascade.core.model_card import load_model_card
 from services.reasoning.agents import PolicyAgent, SimilarCaseAgent, StructuredDataAgent
 from services.reasoning.llm import make_llm
 from services.reasoning.workflow import CaseReviewConfig, CaseReviewWorkflow

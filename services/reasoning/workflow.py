@@ -36,9 +36,9 @@ from workflows import Context, Workflow, step
 from workflows.events import Event, StartEvent, StopEvent
 
 from retrieval.narrative import event_narrative
-from riskcascade.config import LLMSettings, ReasonerSettings, ReflectionSettings
-from riskcascade.domain import Action, ReasonCode, ReasonerVerdict, ReasoningRequest, ReasoningStep
-from riskcascade.telemetry import span
+from riskcascade.core.config import LLMSettings, ReasonerSettings, ReflectionSettings
+from riskcascade.core.domain import Action, ReasonCode, ReasonerVerdict, ReasoningRequest, ReasoningStep
+from riskcascade.core.telemetry import span
 from services.reasoning.agents import PolicyAgent, SimilarCaseAgent, StructuredDataAgent, suspected_risk_types
 from services.reasoning.case_file import CaseFile, EvidenceItem, narratable_features
 from services.reasoning.evidence_weighing import weigh
@@ -48,7 +48,6 @@ from services.reasoning.reflection import reflect
 from services.reasoning.schema import VerdictDraft, VerdictRejected, parse_verdict, verdict_json_schema
 
 STEP_NAMES = ("plan", "structured_data", "similar_cases", "policy_search", "reasoning", "reflection")
-MAX_POLICY_RISK_TYPES = 2  # policies of at most this many suspected risk types are searched
 T = TypeVar("T")
 
 
@@ -197,7 +196,7 @@ class CaseReviewWorkflow(Workflow):
         case_items = structured.found + similar.found
         started = time.perf_counter()
         with span("reasoner.policy_search", carrier=planned.carrier) as current:
-            risk_types = suspected_risk_types(case_items, MAX_POLICY_RISK_TYPES)
+            risk_types = suspected_risk_types(case_items, self._config.reasoner.max_policy_risk_types)
             found = await self._retrieve(self._policy.run, planned.narrative, risk_types)
             current.set_attribute("evidence.count", len(found.items))
         request = planned.request

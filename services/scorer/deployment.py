@@ -17,18 +17,27 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from riskcascade.config import settings_from_wire
-from riskcascade.domain import FastScore, LabelRecord, ScoreRequest
-from riskcascade.entity_state import LabelEvent
-from riskcascade.state_backends import open_entity_state
-from riskcascade.telemetry import configure_tracing, span
+from riskcascade.core.config import settings_from_wire
+from riskcascade.core.domain import FastScore, LabelRecord, ScoreRequest, ScorerInfo
+from riskcascade.core.entity_state import LabelEvent
+from riskcascade.core.state_backends import open_entity_state
+from riskcascade.core.telemetry import configure_tracing, span
 from services.scorer.arrivals import ArrivalGate
-from services.scorer.fast_model import FastModel, ScorerInfo
+from services.scorer.fast_model import FastModel
 
-DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_BATCH_WAIT_S = 0.002
+
+
+class ScorerUserConfig(BaseModel):
+    """The scorer's ``user_config`` in deploy/serve.yaml, the one place its batching is set (no default in code:
+    a deployment without it is refused by name, not served on Ray's own batch defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(ge=1, description="most concurrent single-event calls scored in one ONNX run")
+    batch_wait_timeout_s: float = Field(ge=0, description="longest a single-event call waits for others to join it")
 
 
 @serve.deployment(name="FastScorer")
@@ -47,14 +56,21 @@ class FastScorer:
         )
         self._arrivals = ArrivalGate()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+        self._batching: ScorerUserConfig | None = None  # set by reconfigure, from deploy/serve.yaml
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self._score_batched.set_max_batch_size(int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
-        self._score_batched.set_batch_wait_timeout_s(
-            float(user_config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_S))
-        )
+        try:
+            config = ScorerUserConfig.model_validate(user_config)
+        except ValidationError as exc:
+            raise ValueError(f"FastScorer user_config (deploy/serve.yaml): {exc}") from None
+        self._score_batched.set_max_batch_size(config.max_batch_size)
+        self._score_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._batching = config
 
     async def score(self, request: ScoreRequest) -> FastScore:
+        if self._batching is None:
+            raise RuntimeError("FastScorer has no user_config: set max_batch_size and batch_wait_timeout_s in "
+                               "deploy/serve.yaml")
         with span("scorer.score", carrier=request.trace_carrier, request_id=request.request_id) as current:
             async with self._arrivals.enter() as lone:
                 current.set_attribute("scorer.batched", not lone)
@@ -70,7 +86,7 @@ class FastScorer:
         with span("scorer.score_many", carrier=requests[0].trace_carrier, batch_size=len(requests)):
             return await self._run(self._model.score_batch, requests)
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    @serve.batch  # sizes come from user_config (reconfigure runs before the replica takes a call)
     async def _score_batched(self, rows: list[ScoreRequest]) -> list[FastScore]:
         with span("scorer.batch", batch_size=len(rows)):
             return await self._run(self._model.score_batch, rows)
@@ -103,7 +119,7 @@ class FastScorer:
 
 def open_model_state(config: Any) -> Any:
     """The live entity state for the model in ``config.model.dir`` (None when the model has none)."""
-    from riskcascade.features import FeatureLayout
+    from riskcascade.core.features import FeatureLayout
 
     layout = FeatureLayout.load(config.model.dir).state
     return open_entity_state(config.state, layout) if layout is not None else None

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
@@ -26,11 +26,18 @@ import lightgbm as lgb  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from riskcascade.anomaly import AnomalyScorer  # noqa: E402
-from riskcascade.domain import EVENT_TYPE_ATTRIBUTE, Entities, FastScore, ReasonCode, ScoreRequest  # noqa: E402
-from riskcascade.entity_state import EmbeddedEntityState, EntityState, StateEvent  # noqa: E402
-from riskcascade.features import FeatureLayout  # noqa: E402
-from riskcascade.model_card import BOOSTER_FILE, ONNX_FILE, ModelCard, load_model_card  # noqa: E402
+from riskcascade.core.domain import (  # noqa: E402
+    EVENT_TYPE_ATTRIBUTE,
+    Entities,
+    FastScore,
+    ReasonCode,
+    ScoreRequest,
+    ScorerInfo,
+)
+from riskcascade.core.entity_state import EmbeddedEntityState, EntityState, StateEvent  # noqa: E402
+from riskcascade.core.features import FeatureLayout  # noqa: E402
+from riskcascade.core.model_card import BOOSTER_FILE, ONNX_FILE, ModelCard, load_model_card  # noqa: E402
+from riskcascade.modelling.anomaly import AnomalyScorer  # noqa: E402
 from services.scorer.explain import TreeShapExplainer  # noqa: E402
 from services.scorer.gpu_probe import choose_providers  # noqa: E402
 
@@ -39,21 +46,6 @@ log = logging.getLogger(__name__)
 REASONS_ALL = "all"  # every scored row gets per-feature reason codes
 REASONS_AT_RISK = "at_risk"  # only rows at or above the band's low edge; approvals get BELOW_BAND_CODE
 BELOW_BAND_CODE = "SCORE_BELOW_BAND"
-
-
-@dataclass(frozen=True)
-class ScorerInfo:
-    """What the scorer tells callers about itself (health/info, validation, escalation band)."""
-
-    model_version: str
-    feature_names: tuple[str, ...]
-    band_low: float
-    band_high: float
-    provider: str  # the provider the session actually runs on
-    provider_detail: str  # why (the GPU probe's line)
-    # plausible [low, high] per input feature, from the model card (training's extremes, widened); {} for a card
-    # written before cards declared ranges: the edge then holds every feature to its global bound only
-    feature_ranges: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False)
 
 
 class FastModel:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llama_index.core.llms import LLM
 
-from riskcascade.config import LLMSettings, ReasonerSettings
+from riskcascade.core.config import LLMSettings, ReasonerSettings
 
 
 def make_llm(settings: LLMSettings, reasoner: ReasonerSettings) -> LLM:

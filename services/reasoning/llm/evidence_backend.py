@@ -23,8 +23,8 @@ from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from pydantic import Field
 
-from riskcascade.config import ReasonerSettings
-from riskcascade.domain import Action
+from riskcascade.core.config import ReasonerSettings
+from riskcascade.core.domain import Action
 from services.reasoning.case_file import EvidenceItem, EvidenceKind, item_from_prompt
 from services.reasoning.evidence_weighing import Weighing, action_for, weigh
 from services.reasoning.llm.base import FINISH_REASON, STOP

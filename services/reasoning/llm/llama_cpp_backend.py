@@ -51,16 +51,12 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 
-from riskcascade.config import LLMSettings
+from riskcascade.core.config import LLMSettings
 from services.reasoning.llm.base import FINISH_REASON, LENGTH, STOP, TIMEOUT, bounded_wait
 from services.reasoning.llm.local_model import smollm2_gguf_path
 
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"  # GGUF metadata key of the model's own chat template
 CALL_ARGUMENTS = frozenset({"json_schema", "max_tokens", "timeout_s"})
-# llama-cpp-python's server applies this penalty by default, its in-process API none (1.0). Without it SmolLM2
-# fills a bounded string with "1.1.1.1..." up to maxLength (156 answer tokens instead of 68 on the test case); with
-# it both backends give the same answer on the same model. LLMSettings does not carry it yet (see from_settings).
-DEFAULT_REPEAT_PENALTY = 1.1
 
 
 def _import_llama_cpp() -> Any:
@@ -107,7 +103,10 @@ class LlamaCppJsonLLM(CustomLLM):
     temperature: float = Field(description="sampling temperature (0 = greedy)")
     max_output_tokens: int = Field(description="answer length cap when a call gives none")
     timeout_s: float = Field(description="longest a call may take when it gives no timeout_s")
-    repeat_penalty: float = Field(DEFAULT_REPEAT_PENALTY, description="penalty on tokens already generated")
+    # llama-cpp-python's server applies a penalty by default, its in-process API none (1.0). Without one SmolLM2
+    # fills a bounded string with "1.1.1.1..." up to maxLength (156 answer tokens instead of 68 on the test case);
+    # with LLMSettings.repeat_penalty both backends give the same answer on the same model.
+    repeat_penalty: float = Field(description="penalty on tokens already generated")
 
     _llama: Any = PrivateAttr()
     _formatter: Any = PrivateAttr()

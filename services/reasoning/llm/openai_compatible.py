@@ -24,7 +24,7 @@ from llama_index.core.base.llms.types import ChatMessage, ChatResponse, Completi
 from llama_index.core.bridge.pydantic import Field
 from llama_index.llms.openai_like import OpenAILike
 
-from riskcascade.config import LLMSettings
+from riskcascade.core.config import LLMSettings
 from services.reasoning.llm.base import FINISH_REASON, LENGTH, STOP
 
 SchemaFormat = Literal["json_schema", "json_object"]

@@ -95,7 +95,7 @@ far on the event's device and IP, the most accounts so far on any payment instru
 how many of the account's devices, IPs and instruments (so far) another account has also used (so far), and the
 share of the seller's orders so far placed by accounts younger than ``NEW_ACCOUNT_DAYS``. Features that do not apply
 to an event type are 0 (no amount on a login, no rating off a review, no seller on a payout). The generator never
-emits missing values; the model is still trained to accept them (see ``riskcascade.training``).
+emits missing values; the model is still trained to accept them (see ``riskcascade.modelling.training``).
 
 Label arrival
 -------------
@@ -124,9 +124,9 @@ from typing import Callable, Iterable, Literal, TypeVar
 
 import numpy as np
 
-from riskcascade.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome, RiskEvent
-from riskcascade.synthetic_fraud import FRAUD_PATTERNS, TWIN_EVENT_RATIO, legit_twins
-from riskcascade.synthetic_marketplace import (
+from riskcascade.core.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome, RiskEvent
+from riskcascade.modelling.synthetic_fraud import FRAUD_PATTERNS, TWIN_EVENT_RATIO, legit_twins
+from riskcascade.modelling.synthetic_marketplace import (
     DRAWN_FEATURES,
     ENTITY_KINDS,
     EVENT_TYPES,
@@ -141,7 +141,7 @@ from riskcascade.synthetic_marketplace import (
     build_legit_world,
     legit_events,
 )
-from riskcascade.synthetic_notes import write_notes
+from riskcascade.modelling.synthetic_notes import write_notes
 
 FEATURE_DESCRIPTIONS: dict[str, str] = {
     "amount": "Amount of money the event moves (order value or payout)",

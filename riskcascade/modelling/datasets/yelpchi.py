@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from riskcascade.datasets.format import Dataset, DatasetFormatError, DatasetSpec, dataset_from_frame
+from riskcascade.modelling.datasets.format import Dataset, DatasetFormatError, DatasetSpec, dataset_from_frame
 
 PACKAGE = "UGFraud"
 DATA_DIR = ("Yelp_Data", "YelpChi")

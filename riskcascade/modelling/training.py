@@ -2,19 +2,20 @@
 
 The order matters and is the contract with the scorer:
 
-1. ``FeatureLayout.fit``: raw numeric features, categorical codes (vocabulary from the training split) and graph
-   neighbour aggregates over the data set's links (``riskcascade.graph_features``).
+1. ``fit_layout`` (``riskcascade.modelling.layout_fitting``): raw numeric features, categorical codes (vocabulary
+   from the training split) and graph neighbour aggregates over the data set's links
+   (``riskcascade.core.graph_features``).
 2. The hybrid feature: an isolation forest fitted on the training split, exported to ONNX, and evaluated *by
-   ONNX* for every row (``riskcascade.anomaly``), appended as the last column.
+   ONNX* for every row (``riskcascade.modelling.anomaly``), appended as the last column.
 3. LightGBM learns on the training split with early stopping on validation. A small share of training cells is
    blanked to NaN first (``training.missing_value_share``) so that every feature learns where missing values go:
    the scorer sends NaN for any feature a request lacks, and for a feature never seen missing in training
    LightGBM reads NaN as 0, so a missing account_age_days would look like a brand-new account.
 4. Platt calibration on validation raw probabilities; the escalation band on validation calibrated scores, by a
-   target share of traffic or by the costs of mistakes (``riskcascade.thresholds``).
+   target share of traffic or by the costs of mistakes (``riskcascade.core.thresholds``).
 5. The booster is converted to ONNX and ``check_onnx_parity`` compares onnxruntime with LightGBM on the test
-   set plus rows with missing values. A difference above ``PARITY_TOLERANCE`` raises and nothing is written:
-   the scorer serves ONNX but explains with the LightGBM booster, so the two must be the same model.
+   set plus rows with missing values. A difference above ``training.onnx_parity_tolerance`` raises and nothing is
+   written: the scorer serves ONNX but explains with the LightGBM booster, so the two must be the same model.
 6. Test metrics; then (``write_model``) the ONNX models, booster, feature layout and the model card, card last.
 """
 
@@ -40,22 +41,10 @@ from onnxmltools.convert.common.data_types import FloatTensorType  # noqa: E402
 from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from riskcascade.anomaly import (  # noqa: E402
-    ANOMALY_DESCRIPTION,
-    ANOMALY_FEATURE,
-    ANOMALY_FILE,
-    AnomalyScorer,
-    export_anomaly_onnx,
-    fit_anomaly_model,
-    sklearn_parity,
-)
-from riskcascade.calibration import PlattCalibrator  # noqa: E402
-from riskcascade.config import Settings, StateSettings, TrainingSettings, ValidationSettings  # noqa: E402
-from riskcascade.datasets.format import SPLIT_NAMES, Dataset  # noqa: E402
-from riskcascade.datasets.splits import choose_split, is_time_ordered  # noqa: E402
-from riskcascade.evaluation import split_metrics  # noqa: E402
-from riskcascade.features import FeatureLayout  # noqa: E402
-from riskcascade.model_card import (  # noqa: E402
+from riskcascade.core.calibration import PlattCalibrator  # noqa: E402
+from riskcascade.core.config import Settings, StateSettings, TrainingSettings, ValidationSettings  # noqa: E402
+from riskcascade.core.features import FeatureLayout  # noqa: E402
+from riskcascade.core.model_card import (  # noqa: E402
     BOOSTER_FILE,
     ONNX_FILE,
     CalibrationSpec,
@@ -65,8 +54,21 @@ from riskcascade.model_card import (  # noqa: E402
     Thresholds,
     write_model_card,
 )
-from riskcascade.model_metrics import expected_calibration_error  # noqa: E402
-from riskcascade.thresholds import BandCosts, assess_band, band_by_cost, band_by_share  # noqa: E402
+from riskcascade.core.thresholds import BandCosts, assess_band, band_by_cost, band_by_share  # noqa: E402
+from riskcascade.modelling.anomaly import (  # noqa: E402
+    ANOMALY_DESCRIPTION,
+    ANOMALY_FEATURE,
+    ANOMALY_FILE,
+    AnomalyScorer,
+    export_anomaly_onnx,
+    fit_anomaly_model,
+    sklearn_parity,
+)
+from riskcascade.modelling.datasets.format import SPLIT_NAMES, Dataset  # noqa: E402
+from riskcascade.modelling.datasets.splits import choose_split, is_time_ordered  # noqa: E402
+from riskcascade.modelling.evaluation import split_metrics  # noqa: E402
+from riskcascade.modelling.layout_fitting import fit_layout  # noqa: E402
+from riskcascade.modelling.model_metrics import expected_calibration_error  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,6 @@ LIGHTGBM_FIXED_PARAMS: dict[str, Any] = {
 ONNX_INPUT = "features"
 ONNX_OUTPUT = "probabilities"  # [N, 2]: P(legitimate), P(fraud)
 ONNX_TARGET_OPSET = 15  # highest default-domain opset onnxmltools 1.16 converts LightGBM for
-PARITY_TOLERANCE = 1e-5  # max |P_onnx - P_lightgbm|
-PARITY_MISSING_ROWS = 256  # test rows copied with holes, so parity also covers the NaN branches
-PARITY_MISSING_CELL_SHARE = 0.2
 STD_FLOOR = 1e-6
 
 
@@ -145,7 +144,8 @@ def _cpu_session(onnx_model: bytes | Path) -> ort.InferenceSession:
 
 
 def check_onnx_parity(
-    onnx_model: bytes | str | Path, booster: lgb.Booster, x: np.ndarray, tolerance: float = PARITY_TOLERANCE
+    onnx_model: bytes | str | Path, booster: lgb.Booster, x: np.ndarray,
+    tolerance: float = TrainingSettings().onnx_parity_tolerance,
 ) -> float:
     """Max |P(fraud) by onnxruntime - P(fraud) by LightGBM| over rows ``x``; RuntimeError above ``tolerance``."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -283,7 +283,7 @@ def fit_fast_model(
         rng = np.random.default_rng(seed)
 
         clock.start("features")
-        layout, matrix = FeatureLayout.fit(
+        layout, matrix = fit_layout(
             dataset, rows["train"], graph_features=config.graph_features, state_settings=state
         )
         x_all = matrix.astype(np.float32)
@@ -336,15 +336,15 @@ def fit_fast_model(
 
         clock.start("onnx")
         onnx_model, opset = export_onnx(booster, len(names))
-        holes = x["test"][:PARITY_MISSING_ROWS]
+        holes = x["test"][: config.onnx_parity_missing_rows]
         parity_rows = np.vstack(
-            [x["test"], with_missing_values(holes, PARITY_MISSING_CELL_SHARE, rng),
+            [x["test"], with_missing_values(holes, config.onnx_parity_missing_cell_share, rng),
              np.full((1, len(names)), np.nan, dtype=np.float32)]
         )
         snap_diff = float(np.max(np.abs(trained.predict(parity_rows) - booster.predict(parity_rows))))
         if snap_diff != 0.0:
             raise RuntimeError(f"float32 threshold snapping changed LightGBM predictions by {snap_diff:.3g}")
-        parity = check_onnx_parity(onnx_model, booster, parity_rows)
+        parity = check_onnx_parity(onnx_model, booster, parity_rows, config.onnx_parity_tolerance)
 
         clock.start("metrics")
         raw_test = booster.predict(x["test"])

@@ -1,8 +1,8 @@
 """``riskcascade eval``: train the fast model on each split of a data set and report how good it is.
 
 The splits are the data set's fixed split columns; without them, ``training.split_rule`` chooses
-(``riskcascade.datasets.splits.choose_split``): one time-ordered split when the data set has a time column (it is
-the same every time, so ``repeats`` > 1 is refused), else ``repeats`` stratified splits drawn with consecutive seeds.
+(``riskcascade.modelling.datasets.splits.choose_split``): one time-ordered split when the data set has a time column (it
+is the same every time, so ``repeats`` > 1 is refused), else ``repeats`` stratified splits drawn with consecutive seeds.
 Each split gets the whole pipeline: features, anomaly score, LightGBM, calibration, band, ONNX parity. The test part
 of each split is scored (labelled rows only); the report names each split, says which protocol ran (how rows were
 split, whether features were built by replay in time order or transductively over a static graph, when labels count
@@ -18,12 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from riskcascade.config import Settings, TrainingSettings
-from riskcascade.datasets.format import Dataset
-from riskcascade.datasets.splits import SplitChoice, choose_split, is_time_ordered
-from riskcascade.evaluation import format_report, plot_calibration, plot_score_histogram, split_names, summarise
-from riskcascade.features import TIME_TRUE, TRANSDUCTIVE
-from riskcascade.training import fit_fast_model
+from riskcascade.core.config import Settings, TrainingSettings
+from riskcascade.core.features import TIME_TRUE, TRANSDUCTIVE
+from riskcascade.modelling.datasets.format import Dataset
+from riskcascade.modelling.datasets.splits import SplitChoice, choose_split, is_time_ordered
+from riskcascade.modelling.evaluation import (
+    format_report,
+    plot_calibration,
+    plot_score_histogram,
+    split_names,
+    summarise,
+)
+from riskcascade.modelling.training import fit_fast_model
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

@@ -5,7 +5,7 @@ metric and no plot.
 
 One number from one split hides how much it would move on another draw of the data, so metrics are computed per
 split and reported as mean ± std across splits. The metrics are the ones training reports for the fast model
-(``riskcascade.training``) so that figures from here and from a model card can be set side by side; the plots
+(``riskcascade.modelling.training``) so that figures from here and from a model card can be set side by side; the plots
 show what the numbers summarise: whether a score of 0.3 means three in ten (reliability diagram) and where
 fraud and legitimate scores overlap, which is where the escalation band has to sit (score histogram).
 """
@@ -22,12 +22,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display: must precede the pyplot import
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
 
-from riskcascade.datasets.format import UNLABELLED  # noqa: E402 - label of a row without one: in no metric
-from riskcascade.model_metrics import (  # noqa: E402
+from riskcascade.modelling.datasets.format import UNLABELLED  # noqa: E402 - label of a row without one: in no metric
+from riskcascade.modelling.model_metrics import (  # noqa: E402
     DEFAULT_ECE_BINS,
     expected_calibration_error,
     recall_at_fpr,

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from riskcascade.synthetic_marketplace import ACCOUNT_CHANGE, LOGIN, ORDER, PAYOUT, PROMO, REVIEW, SHADY
-
+from riskcascade.modelling.synthetic_marketplace import ACCOUNT_CHANGE, LOGIN, ORDER, PAYOUT, PROMO, REVIEW, SHADY
 
 MAX_REVIEW_SENTENCES = 4
 REVIEW_SENTENCES = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from riskcascade.config import EscalationSettings
+from riskcascade.core.config import EscalationSettings
 
 
 class Route(str, enum.Enum):
@@ -47,7 +47,9 @@ class EscalationPolicy:
         """Route one event given its calibrated score, the time left, escalations now running and escalations
         its call may still start."""
         if score < self.band_low:
-            return RoutingDecision(Route.APPROVE, f"score {score:.3f} below band [{self.band_low:.3f}, {self.band_high:.3f})")
+            return RoutingDecision(
+                Route.APPROVE, f"score {score:.3f} below band [{self.band_low:.3f}, {self.band_high:.3f})"
+            )
         if score >= self.band_high:
             return RoutingDecision(Route.BLOCK, f"score {score:.3f} at or above {self.band_high:.3f}")
         if remaining_ms < self.min_reasoner_budget_ms:

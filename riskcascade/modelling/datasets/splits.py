@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from riskcascade.datasets.format import SPLIT_NAMES, Dataset, _split_usable
+from riskcascade.modelling.datasets.format import SPLIT_NAMES, Dataset, _split_usable
 
 SPLIT_RULES = ("auto", "time", "stratified")
 PROTOCOLS = ("time", "stratified", "fixed")

@@ -39,9 +39,9 @@ and every labelled row gets a label time (``Dataset.label_times``, NaN on unlabe
 - else the row's time itself. This default is the *optimistic* one, a label known the moment its event happens,
   which no fraud team has; reports say which rule ran (``DatasetSpec.label_timing``).
 
-Without ``split_columns`` the evaluator chooses a split (``riskcascade.datasets.splits.choose_split``): by time when
-the data set has a time column, else stratified at random. Without a time column the data is a static graph and
-features are built transductively; reports say which protocol ran.
+Without ``split_columns`` the evaluator chooses a split (``riskcascade.modelling.datasets.splits.choose_split``): by
+time when the data set has a time column, else stratified at random. Without a time column the data is a static graph
+and features are built transductively; reports say which protocol ran.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def read_spec(path: str | Path) -> tuple[DatasetSpec, Path]:
     except yaml.YAMLError as exc:
         raise DatasetFormatError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise DatasetFormatError(f"{path}: a descriptor is a YAML mapping (see riskcascade.datasets.format)")
+        raise DatasetFormatError(f"{path}: a descriptor is a YAML mapping (see riskcascade.modelling.datasets.format)")
     try:
         return DatasetSpec.model_validate(raw), path.parent
     except ValidationError as exc:

@@ -1,8 +1,9 @@
-"""The simulated marketplace behind ``riskcascade.synthetic``: entities, legitimate behaviour, sampling primitives.
+"""The simulated marketplace behind ``riskcascade.modelling.synthetic``: entities, legitimate behaviour, sampling
+primitives.
 
 Part of the synthetic generator (see that module's docstring for the whole picture). Events are built in
 columns (numpy arrays, one entry per event) because a Python loop per event would take seconds for 60,000
-events; entities are plain integer ids until ``riskcascade.synthetic`` turns them into strings.
+events; entities are plain integer ids until ``riskcascade.modelling.synthetic`` turns them into strings.
 
 Legitimate life here is deliberately messy, because every everyday exception below is also a fraud signal:
 households share home IPs, family devices and cards; carrier-grade NAT puts dozens of strangers on one IP;
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from riskcascade.domain import EventType
+from riskcascade.core.domain import EventType
 
 WINDOW_DAYS = 30  # every event falls within this many days of the window's start
 SECONDS_PER_HOUR = 3600

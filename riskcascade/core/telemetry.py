@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-from riskcascade.config import TracingSettings
+from riskcascade.core.config import TracingSettings
 
 TRACER_NAME = "riskcascade"
 _lock = threading.Lock()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from riskcascade.entity_state import EntityBook, EntityState, LabelEvent, StateEvent, StateLayout
+from riskcascade.core.entity_state import EntityBook, EntityState, LabelEvent, StateEvent, StateLayout
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.policy import Route, RoutingDecision
-from riskcascade.config import MergeSettings
-from riskcascade.domain import Action, EventType, FastScore, ReasonCode, ReasonerVerdict, ReasoningStep, Stage
+from riskcascade.core.config import MergeSettings
+from riskcascade.core.domain import Action, EventType, FastScore, ReasonCode, ReasonerVerdict, ReasoningStep, Stage
+from riskcascade.core.policy import Route, RoutingDecision
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from riskcascade.domain import Action, EventType
+from riskcascade.core.domain import Action, EventType
 
 CONFIG_ENV_VAR = "RISKCASCADE_CONFIG"
 
@@ -65,6 +65,7 @@ class ServerSettings(_Section):
         None, description="file written with the bound port once the server is serving"
     )
     pid_file: Path = Field(Path("var/riskcascade.pid"), description="pid of the running platform, for `down`")
+    stop_wait_s: float = Field(60.0, gt=0, description="how long `riskcascade down` waits for the platform to stop")
 
 
 class BatchingSettings(_Section):
@@ -105,6 +106,10 @@ class RaySettings(_Section):
     scorer_app: str = Field("scorer", description="Serve application name of the fast scorer")
     reasoner_app: str = Field("reasoner", description="Serve application name of the reasoner")
     start_timeout_s: float = Field(180.0, gt=0, description="how long to wait for applications to run")
+    app_poll_interval_s: float = Field(0.5, gt=0, description="how often start-up checks the applications' status")
+    scorer_info_timeout_s: float = Field(
+        30.0, gt=0, description="time the scorer gets to describe its model (band, features) at start-up"
+    )
 
 
 class ModelSettings(_Section):
@@ -126,7 +131,9 @@ class ModelSettings(_Section):
             "device_id.fraud_accounts", "ip.n_1h", "ip.n_24h", "ip.distinct.account_id", "ip.fraud_accounts",
             "payment_instrument_id.fraud_accounts",
         ),
-        description="entity-state features returned on each decision (Decision.state_features), when the model has them",
+        description=(
+            "entity-state features returned on each decision (Decision.state_features), when the model has them"
+        ),
     )
 
 
@@ -170,7 +177,7 @@ class PricingSettings(_Section):
 
 
 class TrainingSettings(_Section):
-    """How the fast model is trained and its escalation band chosen (riskcascade/training.py)."""
+    """How the fast model is trained and its escalation band chosen (riskcascade/modelling/training.py)."""
 
     learning_rate: float = Field(0.08, gt=0, le=1, description="LightGBM learning rate")
     num_leaves: int = Field(63, ge=2, description="LightGBM leaves per tree")
@@ -205,10 +212,31 @@ class TrainingSettings(_Section):
         200, ge=1, description="trees grown before early stopping may stop (small data sets stop too soon otherwise)"
     )
     threads: int = Field(2, ge=1, description="LightGBM training threads")
+    onnx_parity_tolerance: float = Field(
+        1e-5, gt=0,
+        description="largest |P(fraud) by ONNX - P(fraud) by LightGBM| accepted; above it nothing is written",
+    )
+    onnx_parity_missing_rows: int = Field(
+        256, ge=0, description="test rows copied with holes for the parity check, so it covers the NaN branches too"
+    )
+    onnx_parity_missing_cell_share: float = Field(
+        0.2, gt=0, le=1, description="share of cells blanked in those copied rows"
+    )
+
+
+class EvaluationSettings(_Section):
+    """Offline evaluation of the whole cascade (riskcascade/evaluate_cascade.py, loadtest/band_sweep.py)."""
+
+    scoring_batch_size: int = Field(256, ge=1, description="events the fast model scores per call offline")
+    review_budget_ms: float = Field(
+        600_000.0, gt=0,
+        description="deadline of each offline review (one case at a time, so no deadline pressure: a review that "
+        "still falls back is counted as a fallback, not hidden)",
+    )
 
 
 class StateSettings(_Section):
-    """Live entity state (riskcascade/entity_state.py): what each account, device, IP, instrument and seller did
+    """Live entity state (riskcascade/core/entity_state.py): what each account, device, IP, instrument and seller did
     before an event, the fast model's time-true features."""
 
     backend: Literal["embedded", "redis"] = Field(
@@ -230,6 +258,16 @@ class StateSettings(_Section):
     )
     seed_from_data: bool = Field(
         True, description="`up` folds the data set's events and labels (as of their arrival) into an empty state"
+    )
+    trim_every_events: int = Field(
+        10_000, ge=1, description="embedded: the book forgets history older than retention_s this often (events)"
+    )
+    redis_timeout_s: float = Field(5.0, gt=0, description="redis backend: connect and socket timeout")
+    redis_late_allowance_s: int = Field(
+        86400, ge=0,
+        description="redis backend: history kept beyond retention_s, so an event that reaches its entity up to this "
+        "late (a retry, a slow producer) still finds every event of its windows; also how long an idle entity's "
+        "history outlives retention_s on the server's clock (room for skew between event times and wall clock)",
     )
 
     @model_validator(mode="after")
@@ -277,6 +315,11 @@ class RetrievalSettings(_Section):
         Path("var/embedding"), description="exported text embedding model (make embedding writes it)"
     )
     embedding_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads of the text embedder")
+    embedding_cache_entries: int = Field(
+        50_000, ge=1,
+        description="narrative texts the case memory keeps embedded (384 float32 each: ~77 MB at 50,000); past it "
+        "the cache starts afresh, so indexing stays bounded in memory",
+    )
 
     @model_validator(mode="after")
     def _qdrant_target(self) -> "RetrievalSettings":
@@ -386,6 +429,9 @@ class ReasonerSettings(_Section):
     retrieval_threads: int = Field(
         2, ge=1, description="worker threads of the reasoning workflow's blocking retrieval (case memory and "
         "policy queries, text embedding), so none runs on the event loop; more calls wait for a thread",
+    )
+    max_policy_risk_types: int = Field(
+        2, ge=1, description="policies of at most this many suspected risk types are searched per case"
     )
 
 
@@ -597,6 +643,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
     state: StateSettings = StateSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     resilience: ResilienceSettings = ResilienceSettings()

@@ -1,9 +1,9 @@
 """Our synthetic e-commerce generator as a data set in the documented format.
 
 The mechanisms of the five fraud patterns and their legitimate look-alikes are documented in
-``riskcascade.synthetic``; ``risk_type`` labels each fraud row with its pattern. The split column is the generator's
-own time split (train on the past, valid next, test last; the same seed gives the same train/valid/test CSV files
-the case memory is built from). ``occurred_at`` is the event time and ``label_known_at`` when its label arrived.
+``riskcascade.modelling.synthetic``; ``risk_type`` labels each fraud row with its pattern. The split column is the
+generator's own time split (train on the past, valid next, test last; the same seed gives the same train/valid/test CSV
+files the case memory is built from). ``occurred_at`` is the event time and ``label_known_at`` when its label arrived.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from riskcascade.datasets.format import Dataset, DatasetSpec, dataset_from_frame
-from riskcascade.synthetic import (
+from riskcascade.modelling.datasets.format import Dataset, DatasetSpec, dataset_from_frame
+from riskcascade.modelling.synthetic import (
     CSV_COLUMNS,
     ENTITY_COLUMNS,
     FEATURE_DESCRIPTIONS,

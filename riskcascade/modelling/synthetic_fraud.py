@@ -1,4 +1,4 @@
-"""The five fraud patterns of the synthetic generator (mechanisms documented in ``riskcascade.synthetic``).
+"""The five fraud patterns of the synthetic generator (mechanisms documented in ``riskcascade.modelling.synthetic``).
 
 Each pattern builds an ``EventBatch`` of its own events. Fraud here is organised: crews, rings, batches,
 brushing sellers and farms are clusters that share devices, IPs, cards or a seller, which is what the graph
@@ -28,15 +28,15 @@ from typing import Protocol
 
 import numpy as np
 
-from riskcascade.domain import RISK_TYPES, EventType
-from riskcascade.synthetic_marketplace import (
+from riskcascade.core.domain import RISK_TYPES, EventType
+from riskcascade.modelling.synthetic_marketplace import (
     ORDER,
     PAYOUT,
+    PLAIN,
     PROMO,
     REVIEW,
     SECONDS_PER_HOUR,
     SHADY,
-    PLAIN,
     WINDOW_OVERHANG_SHARE,
     WINDOW_SECONDS,
     EventBatch,

@@ -78,8 +78,8 @@ def band_by_cost(scores: np.ndarray, labels: np.ndarray, costs: BandCosts) -> tu
     """The band [low, high) with the lowest total cost on ``scores`` and ``labels``; ``low == high`` if none pays.
 
     Candidate edges are 0, 1 and the midpoints between consecutive distinct scores (as in ``band_by_share``, so
-    an edge sits on an event only where a score is exactly 0 or 1). The search is exact and O(n log n): with ``N(t)`` the events scoring below
-    t, the cost splits as ``approve_side(low) + block_side(high)`` where::
+    an edge sits on an event only where a score is exactly 0 or 1). The search is exact and O(n log n): with ``N(t)``
+    the events scoring below t, the cost splits as ``approve_side(low) + block_side(high)`` where::
 
         approve_side(t) = missed_fraud * frauds below t - review * N(t)
         block_side(t)   = wrong_block * legits at or above t + review * N(t)

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from riskcascade.calibration import PlattCalibrator
+from riskcascade.core.calibration import PlattCalibrator
 
 ONNX_FILE = "model.onnx"
 BOOSTER_FILE = "model.lgb.txt"

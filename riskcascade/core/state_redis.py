@@ -23,9 +23,9 @@ Keys (``P`` = ``key_prefix``; an entity ``{link}:{value}`` comes last, so values
 - ``P:h:{link}:{value}`` (sorted set): the entity's per-event history, scored by time. Member = 4-byte big-endian
   tie index (its rank among the entity's events at the same instant, so ties come back in fold order) + packed
   little-endian doubles (time, aggregated values) + an 8-byte digest of the event id: fixed length, so that a whole
-  history decodes in one ``numpy.frombuffer``. Trimmed at each write to ``retention_s + LATE_ALLOWANCE_S`` before
-  the entity's last seen time (and the latest instant before that, as ``EntityRecord.trim``: the idle time of a late
-  event), and it expires that many seconds (wall clock) after its last write: an idle entity's history disappears.
+  history decodes in one ``numpy.frombuffer``. Trimmed at each write to ``retention_s + state.redis_late_allowance_s``
+  before the entity's last seen time (and the latest instant before that, as ``EntityRecord.trim``: the idle time of a
+  late event), and it expires that many seconds (wall clock) after its last write: an idle entity's history disappears.
 - ``P:e:{link}:{value}`` (hash): ``first`` / ``last`` seen and ``prev``, the latest time before ``last`` (so the idle
   time of a second event at the last instant survives the history).
 - ``P:c:{link}:{counterpart link}:{value}`` (hash): counterpart value -> first seen together (the earliest kept).
@@ -54,9 +54,9 @@ Concurrency (several ``RedisEntityState`` on one server, in one or many processe
 - One Redis server (or a primary); Redis Cluster is not supported (the script touches keys of many slots).
 
 Trimming, expiry and loading only the window change no feature for events that reach each entity in time order
-(ties included) or at most ``LATE_ALLOWANCE_S`` after its last event. A later straggler's windows may miss trimmed
-events. (The embedded book trims every ``TRIM_EVERY_EVENTS`` events at the newest time it has seen, with no such
-allowance: after one of its trims, the two backends may differ on a straggler.)
+(ties included) or at most ``state.redis_late_allowance_s`` after its last event. A later straggler's windows may miss
+trimmed events. (The embedded book trims every ``state.trim_every_events`` events at the newest time it has seen, with
+no such allowance: after one of its trims, the two backends may differ on a straggler.)
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ from collections.abc import Sequence
 import numpy as np
 import redis
 
-from riskcascade.entity_state import (
+from riskcascade.core.config import StateSettings
+from riskcascade.core.entity_state import (
     ACCOUNT,
     EntityBook,
     EntityRecord,
@@ -82,10 +83,7 @@ from riskcascade.entity_state import (
     StateLayout,
 )
 
-# History kept beyond the retention period: an event that reaches its entity up to this late (a retry, a slow
-# producer) still finds every event of its windows. Also how long an idle entity's history outlives the retention
-# period on the server's clock (room for skew between event times and wall clock).
-LATE_ALLOWANCE_S = 86400
+_DEFAULTS = StateSettings()
 _TIE = struct.Struct(">I")
 _ID_BYTES = 8  # a digest of the event id ends a history member: members of distinct events never collide
 
@@ -191,8 +189,11 @@ class RedisEntityState(EntityState):
     so calls from several threads are safe (with the guarantees of several replicas).
     """
 
-    def __init__(self, layout: StateLayout, url: str, key_prefix: str = "rc", timeout_s: float = 5.0) -> None:
+    def __init__(self, layout: StateLayout, url: str, key_prefix: str = _DEFAULTS.key_prefix,
+                 timeout_s: float = _DEFAULTS.redis_timeout_s,
+                 late_allowance_s: int = _DEFAULTS.redis_late_allowance_s) -> None:
         super().__init__(layout)
+        self._late_allowance_s = late_allowance_s
         self._prefix = key_prefix
         self._registry = f"{key_prefix}:events"
         self._labelled = f"{key_prefix}:labels"
@@ -289,8 +290,8 @@ class RedisEntityState(EntityState):
                 self._note_fold(book, event, before, writes, touched)
         for entity in touched:
             history = self._key("h", entity)
-            writes.trim(history, book.records[entity].last_seen - self.layout.retention_s - LATE_ALLOWANCE_S)
-            writes.expire(history, self.layout.retention_s + LATE_ALLOWANCE_S)
+            writes.trim(history, book.records[entity].last_seen - self.layout.retention_s - self._late_allowance_s)
+            writes.expire(history, self.layout.retention_s + self._late_allowance_s)
         self._write(writes)
         return out
 

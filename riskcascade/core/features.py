@@ -1,16 +1,16 @@
 """The model's input layout: raw numeric features, categorical codes, entity features (before the anomaly score).
 
-``FeatureLayout`` is fitted on a data set and saved next to the model (``features.json``, plus ``graph.npz`` for the
-transductive protocol); the scorer loads it to turn a request (numeric features, categorical attributes, entity per
-link) into exactly the columns training used.
+``FeatureLayout`` is fitted on a data set (``riskcascade.modelling.layout_fitting``) and saved next to the model
+(``features.json``, plus ``graph.npz`` for the transductive protocol); the scorer loads it to turn a request (numeric
+features, categorical attributes, entity per link) into exactly the columns training used.
 
 The entity features come in one of two protocols, chosen by the data:
 
-- **time-true** (the data set has a time column): the live entity state's features (``riskcascade.entity_state``),
+- **time-true** (the data set has a time column): the live entity state's features (``riskcascade.core.entity_state``),
   built at training by replaying the data set's events and label arrivals in time order
-  (``riskcascade.state_replay``) and served from the live state, so each event sees only what happened before it;
+  (``riskcascade.core.state_replay``) and served from the live state, so each event sees only what happened before it;
 - **transductive** (a static graph, no time column): neighbour aggregates over every row of the data set
-  (``riskcascade.graph_features``), served from the frozen training rows. Such a model's quality is measured on a
+  (``riskcascade.core.graph_features``), served from the frozen training rows. Such a model's quality is measured on a
   graph that includes the test rows; the report says so.
 
 A categorical feature becomes one 0/1 column per value of its vocabulary (from the training split, sorted, so
@@ -28,11 +28,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from riskcascade.config import StateSettings
-from riskcascade.datasets.format import Dataset
-from riskcascade.entity_state import StateLayout, describe_state_feature
-from riskcascade.graph_features import GraphHistory, build_graph_features, describe_graph_feature
-from riskcascade.state_replay import Timeline, replay_features
+from riskcascade.core.entity_state import StateLayout
+from riskcascade.core.graph_features import GraphHistory
 
 TIME_TRUE = "time-true"
 TRANSDUCTIVE = "transductive"
@@ -66,57 +63,7 @@ class FeatureLayout:
     def one_hot_names(self) -> list[str]:
         return [f"{name}={value}" for name, vocabulary in self.categorical.items() for value in vocabulary]
 
-    @classmethod
-    def fit(
-        cls, dataset: Dataset, train_rows: np.ndarray, graph_features: bool = True,
-        state_settings: StateSettings | None = None,
-    ) -> tuple["FeatureLayout", np.ndarray]:
-        """The layout and the float64 matrix of every row of ``dataset``; without ``graph_features`` the links and
-        edges are ignored. With a time column the entity features are the state's (windows from
-        ``state_settings``), by replay (time-true); without one, neighbour aggregates over all rows (transductive)."""
-        spec = dataset.spec
-        links = dict(dataset.links) if graph_features else {}
-        edges = dataset.edges if graph_features else None
-        state_settings = state_settings or StateSettings()
-        vocabularies = {
-            name: sorted({v for v in values[train_rows] if v}) for name, values in dataset.categorical.items()
-        }
-        aggregated_idx = [spec.numeric_features.index(a) for a in spec.aggregated]
-        state = None
-        if links and dataset.times is not None and edges is None:
-            state = StateLayout(tuple(links), tuple(spec.aggregated), tuple(state_settings.windows_s),
-                                state_settings.retention_s)
-            graph_names = state.names
-            graph_values = replay_features(state, timeline_of(dataset))
-            history = None
-        else:
-            graph = build_graph_features(links, dataset.numeric[:, aggregated_idx], spec.aggregated, edges)
-            graph_names, graph_values = graph.names, graph.values
-            history = graph.history if links else None
-        layout = cls(
-            numeric=list(spec.numeric_features),
-            categorical=vocabularies,
-            links=list(links),
-            aggregated=list(spec.aggregated),
-            graph=graph_names,
-            history=history,
-            uses_edges=edges is not None,
-            state=state,
-        )
-        describe = (lambda n: describe_state_feature(n, spec.feature_descriptions)) if state else (
-            lambda n: describe_graph_feature(n, spec.feature_descriptions))
-        layout.descriptions = {
-            **{n: spec.feature_descriptions.get(n, n) for n in spec.numeric_features},
-            **{f"{c}={v}": f"{spec.feature_descriptions.get(c, c)} is {v}" for c, vs in vocabularies.items() for v in vs},
-            **{n: describe(n) for n in graph_names},
-        }
-        matrix = np.column_stack(
-            [dataset.numeric, layout._codes([dataset.categorical[c] for c in layout.categorical], len(dataset)),
-             graph_values]
-        )
-        return layout, matrix
-
-    def _codes(self, columns: Sequence[np.ndarray], n: int) -> np.ndarray:
+    def codes(self, columns: Sequence[np.ndarray], n: int) -> np.ndarray:
         """One-hot columns of the categorical features: unseen value = all 0, missing ("") = all NaN."""
         blocks = []
         for name, values in zip(self.categorical, columns):
@@ -130,10 +77,10 @@ class FeatureLayout:
         self, numeric: np.ndarray, attributes: Sequence[Mapping[str, str]], entities: Sequence[Mapping[str, str]],
         state_features: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Rows of new events as the pre-anomaly matrix (float64); the serving path of ``fit``. A time-true layout
-        takes the entity columns from ``state_features`` (the live state's ``step`` for these events)."""
+        """Rows of new events as the pre-anomaly matrix (float64); the serving path of ``fit_layout``. A time-true
+        layout takes the entity columns from ``state_features`` (the live state's ``step`` for these events)."""
         n = len(numeric)
-        codes = self._codes([np.array([a.get(c, "") for a in attributes], dtype=object) for c in self.categorical], n)
+        codes = self.codes([np.array([a.get(c, "") for a in attributes], dtype=object) for c in self.categorical], n)
         if self.state is not None:
             if state_features is None or state_features.shape != (n, len(self.graph)):
                 raise ValueError(f"a time-true layout needs state features [{n}, {len(self.graph)}]")
@@ -170,14 +117,3 @@ class FeatureLayout:
             history = GraphHistory.load(folder / GRAPH_FILE)
         return cls(**body, history=history, state=state)
 
-
-def timeline_of(dataset: Dataset) -> Timeline:
-    """The data set's events and label arrivals (it must have a time column)."""
-    if dataset.times is None or dataset.label_times is None:
-        raise ValueError(f"data set {dataset.spec.name} has no time column")
-    spec = dataset.spec
-    aggregated_idx = [spec.numeric_features.index(a) for a in spec.aggregated]
-    return Timeline(
-        ids=dataset.ids, times=dataset.times, entities=dataset.links, values=dataset.numeric[:, aggregated_idx],
-        labels=dataset.labels, label_times=dataset.label_times,
-    )

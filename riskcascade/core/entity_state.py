@@ -3,9 +3,9 @@
 This is the platform's time axis. Every event the scorer decides is folded into the state of each of its entities,
 and every label (an adjudicated outcome) is folded in when it *arrives*; the fast model's time-true features of an
 event are computed from that state as it stood just before the event. Training builds the same features by
-replaying a data set's events and label arrivals in time order through this same code (``riskcascade.state_replay``),
-so the features a model learns from are the features it is served: no train/serve skew, and no feature can see a
-later event or a label before its arrival.
+replaying a data set's events and label arrivals in time order through this same code
+(``riskcascade.core.state_replay``), so the features a model learns from are the features it is served: no train/serve
+skew, and no feature can see a later event or a label before its arrival.
 
 Per entity (a link name such as ``device_id`` and its value) the state keeps:
 
@@ -32,9 +32,10 @@ of the definition (it decides the last bits, and training must learn the served 
 in a loop that numba compiles without fast-math, over each entity's history held in one float64 array.
 
 Backends (``StateSettings.backend``): ``EmbeddedEntityState`` (in the scorer process, durable in a SQLite log that
-is replayed at start, so a restarted replica loses no history) and ``RedisEntityState`` (``riskcascade.state_redis``,
-shared by several replicas). Both run the feature and fold logic of ``EntityBook`` below, so they agree exactly.
-This module imports nothing of Ray, gRPC or Redis; numba is imported when the first ``EntityBook`` is made.
+is replayed at start, so a restarted replica loses no history) and ``RedisEntityState``
+(``riskcascade.core.state_redis``, shared by several replicas). Both run the feature and fold logic of ``EntityBook``
+below, so they agree exactly. This module imports nothing of Ray, gRPC or Redis; numba is imported when the first
+``EntityBook`` is made.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from riskcascade.core.config import StateSettings
 
 ACCOUNT = "account_id"
 SECONDS_PER_HOUR = 3600.0
@@ -594,7 +597,7 @@ class EntityState(ABC):
         """Release what the backend holds."""
 
 
-TRIM_EVERY_EVENTS = 10_000  # the embedded book forgets history older than the retention this often
+_DEFAULTS = StateSettings()
 
 _LOG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS state_log (
@@ -616,9 +619,11 @@ class EmbeddedEntityState(EntityState):
     thread (the scorer's), never on an event loop.
     """
 
-    def __init__(self, layout: StateLayout, log_path: Path | None = None) -> None:
+    def __init__(self, layout: StateLayout, log_path: Path | None = None,
+                 trim_every_events: int = _DEFAULTS.trim_every_events) -> None:
         super().__init__(layout)
         self._book = EntityBook(layout)
+        self._trim_every = trim_every_events
         self._lock = threading.Lock()
         self._newest = -math.inf
         self._since_trim = 0
@@ -673,7 +678,7 @@ class EmbeddedEntityState(EntityState):
             features = self._book.step(events)
             self._newest = max([self._newest, *(e.time for e in events)])
             self._since_trim += len(new)
-            if self._since_trim >= TRIM_EVERY_EVENTS:
+            if self._since_trim >= self._trim_every:
                 self._book.trim(self._newest)
                 self._since_trim = 0
             return features
