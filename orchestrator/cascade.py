@@ -217,6 +217,7 @@ class Cascade:
             trace_id=current_trace_id(),
             degraded=merged.degraded,
             degraded_reason=merged.degraded_reason,
+            degraded_cause=merged.degraded_cause,
             decided_at=datetime.now(timezone.utc),
             missing_features=missing,
             fast_score=fast.score if fast else 0.0,

@@ -44,6 +44,7 @@ def decision_to_proto(d: Decision) -> pb.Decision:
         trace_id=d.trace_id,
         degraded=d.degraded,
         degraded_reason=d.degraded_reason,
+        degraded_cause=d.degraded_cause.value,
         missing_features=list(d.missing_features),
         fast_score=d.fast_score,
         scorer_provider=d.scorer_provider,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -30,7 +32,15 @@ log = logging.getLogger(__name__)
 TRACED_PREFIX = "/risk.v1."
 
 
+CallObserver = Callable[[str, str, float], None]  # (method, status code name, seconds)
+
+
 class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """One span per call; and, given ``on_call_end``, the call's method, status code and time (metrics)."""
+
+    def __init__(self, on_call_end: CallObserver | None = None):
+        self._on_call_end = on_call_end
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
@@ -38,13 +48,15 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         carrier = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
         if handler.stream_stream is not None:
-            return _traced_stream(method, carrier, handler)
+            return _traced_stream(method, carrier, handler, self._on_call_end)
         if handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
 
+        on_call_end = self._on_call_end
+
         async def traced(request, context):
-            with _call_span(method, carrier, context):
+            with _call_span(method, carrier, context, on_call_end):
                 return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -55,22 +67,30 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
 
 
 @contextmanager
-def _call_span(method: str, carrier: dict[str, str], context: grpc.aio.ServicerContext) -> Iterator[None]:
-    """The call's span, with the status code the call ended with."""
+def _call_span(method: str, carrier: dict[str, str], context: grpc.aio.ServicerContext,
+               on_call_end: CallObserver | None = None) -> Iterator[None]:
+    """The call's span, with the status code the call ended with (told to ``on_call_end`` too)."""
+    started = time.perf_counter()
     with span(method[1:], carrier=carrier, **{"rpc.system": "grpc", "rpc.method": method}) as current:
         try:
             yield
         finally:
             code = context.code()
             current.set_attribute("rpc.grpc.status_code", code.value[0] if code else 0)
+            if on_call_end is not None:
+                ended = code if code is not None else grpc.StatusCode.OK
+                if ended is grpc.StatusCode.OK and sys.exc_info()[0] is not None:
+                    ended = grpc.StatusCode.UNKNOWN  # raised past the servicer: grpc answers UNKNOWN
+                on_call_end(method, ended.name, time.perf_counter() - started)
 
 
-def _traced_stream(method: str, carrier: dict[str, str], handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _traced_stream(method: str, carrier: dict[str, str], handler: grpc.RpcMethodHandler,
+                   on_call_end: CallObserver | None = None) -> grpc.RpcMethodHandler:
     """A bidirectional stream gets one span for the whole call; its items' spans are its children."""
     inner = handler.stream_stream
 
     async def traced(request_iterator, context):
-        with _call_span(method, carrier, context):
+        with _call_span(method, carrier, context, on_call_end):
             async for response in inner(request_iterator, context):
                 yield response
 
@@ -159,8 +179,9 @@ def request_type(method: str) -> str:
         return f"request of {method}"
 
 
-def service_interceptors() -> list[grpc.aio.ServerInterceptor]:
+def service_interceptors(on_call_end: CallObserver | None = None) -> list[grpc.aio.ServerInterceptor]:
     """The DecisionService's own interceptors, outermost first (the server puts authentication before them).
 
-    Tracing is outside the decode guard, so a refused body still gets its one span, with its status code."""
-    return [TracingInterceptor(), DecodeGuardInterceptor()]
+    Tracing is outside the decode guard, so a refused body still gets its one span, with its status code (and is
+    counted by ``on_call_end``)."""
+    return [TracingInterceptor(on_call_end), DecodeGuardInterceptor()]

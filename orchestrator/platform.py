@@ -74,6 +74,8 @@ def _start_ray(settings: Settings) -> bool:
         num_cpus=settings.ray.num_cpus,
         # Ray 2.60 binds its metrics export port on every interface (127.0.0.1 is mapped to the node's address)
         _system_config={"enable_metrics_collection": security.ray_metrics_export},
+        **({"_metrics_export_port": settings.ray.metrics_export_port}
+           if security.ray_metrics_export and settings.ray.metrics_export_port else {}),
         **options,
     )
     return True
@@ -130,6 +132,7 @@ async def run_platform(settings: Settings) -> None:
     from orchestrator.cascade import Cascade, CascadeVersions, StageLimits
     from orchestrator.feedback import FeedbackFanout
     from orchestrator.health import StageHealth
+    from orchestrator.metrics import GatewayMetrics
     from orchestrator.server import DecisionServer
     from orchestrator.servicer import DecisionServicer
     from orchestrator.stages import ServeReasonerStage, ServeScorerStage
@@ -146,6 +149,7 @@ async def run_platform(settings: Settings) -> None:
     server = None
     store = None
     stage_health = None
+    metrics = GatewayMetrics(settings.metrics) if settings.metrics.enabled else None
     try:
         owns_ray = _start_ray(settings)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -161,9 +165,15 @@ async def run_platform(settings: Settings) -> None:
         res = settings.resilience
         policy = escalation_policy(esc, info.band_low, info.band_high)
         stage_health = StageHealth()
+
+        def circuit_changed(name: str, state: Any) -> None:
+            stage_health.changed(name, state)
+            if metrics is not None:
+                metrics.circuit_changed(name, state.value)
+
         breakers = {
             name: CircuitBreaker(name, res.breaker_failures, res.breaker_open_s, res.breaker_half_open_probes,
-                                 on_change=stage_health.changed)
+                                 on_change=circuit_changed)
             for name in ("fast_model", "reasoner")
         }
         cascade = Cascade(
@@ -194,15 +204,22 @@ async def run_platform(settings: Settings) -> None:
         )
         feedback = FeedbackFanout(scorer, reasoner, settings.server.feedback_timeout_ms / 1000.0)
         servicer = DecisionServicer(cascade, store, info.feature_names, settings.server, service_info, feedback,
-                                    feature_ranges=info.feature_ranges, validation=settings.validation)
-        server = await DecisionServer.open(servicer, settings.server.host, settings.server.port, settings.security)
+                                    feature_ranges=info.feature_ranges, validation=settings.validation,
+                                    metrics=metrics)
+        server = await DecisionServer.open(servicer, settings.server.host, settings.server.port, settings.security,
+                                           on_call_end=metrics.observe_rpc if metrics is not None else None)
+        metrics_port = None
+        if metrics is not None:
+            metrics.serving(info.model_version, esc.policy_version, info.provider, policy.band_low, policy.band_high,
+                            info.target_escalation_share, lambda: servicer.active_decisions)
+            metrics_port = await asyncio.to_thread(metrics.start_server, settings.security)
         await server.start()
         await stage_health.attach(server.health, breakers)
         stage_health.start_probes(
             {"fast_model": scorer.ping, "reasoner": reasoner.ping}, breakers, res.probe_interval_s,
             res.probe_timeout_ms / 1000.0,
         )
-        _write_state(settings, server.port, info, policy)
+        _write_state(settings, server.port, info, policy, metrics_port)
         log.warning(
             "riskcascade serving risk.v1.DecisionService on %s:%d | model %s on %s (%s) | band [%.3f, %.3f)%s",
             settings.server.host, server.port, info.model_version, info.provider, info.provider_detail,
@@ -216,6 +233,8 @@ async def run_platform(settings: Settings) -> None:
             await stage_health.stop()
         if server is not None:
             await server.stop(settings.server.shutdown_grace_s)
+        if metrics is not None:
+            metrics.stop_server()
         if store is not None:
             store.close()
         _clear_state(settings)
@@ -239,7 +258,7 @@ async def _stop_ray(settings: Settings, owns_ray: bool) -> None:
     ray.shutdown()
 
 
-def _write_state(settings: Settings, port: int, info: Any, policy: Any) -> None:
+def _write_state(settings: Settings, port: int, info: Any, policy: Any, metrics_port: int | None) -> None:
     state = {
         "pid": os.getpid(),
         "port": port,
@@ -248,6 +267,7 @@ def _write_state(settings: Settings, port: int, info: Any, policy: Any) -> None:
         "provider": info.provider,
         "provider_detail": info.provider_detail,
         "band": [policy.band_low, policy.band_high],
+        "metrics_port": metrics_port,
     }
     settings.server.pid_file.parent.mkdir(parents=True, exist_ok=True)
     settings.server.pid_file.write_text(str(os.getpid()))

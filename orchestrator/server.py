@@ -13,7 +13,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator.auth import AccessPolicy, AuthInterceptor, RefusalLog, SecurityError
-from orchestrator.interceptors import service_interceptors
+from orchestrator.interceptors import CallObserver, service_interceptors
 from risk.v1 import decision_pb2, decision_pb2_grpc
 from riskcascade.core.config import SecuritySettings
 
@@ -60,6 +60,7 @@ class DecisionServer:
         port: int,
         security: SecuritySettings,
         material: ServerMaterial,
+        on_call_end: CallObserver | None = None,
     ):
         if problem := security.exposure_problem(host):
             raise SecurityError(problem)
@@ -67,7 +68,7 @@ class DecisionServer:
             [AuthInterceptor(material.policy, security.public_health, RefusalLog(security.refusal_log_interval_s))]
             if material.policy is not None else []
         )
-        self._server = grpc.aio.server(interceptors=[*auth, *service_interceptors()])
+        self._server = grpc.aio.server(interceptors=[*auth, *service_interceptors(on_call_end)])
         decision_pb2_grpc.add_DecisionServiceServicer_to_server(servicer, self._server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -85,11 +86,12 @@ class DecisionServer:
 
     @classmethod
     async def open(
-        cls, servicer: decision_pb2_grpc.DecisionServiceServicer, host: str, port: int, security: SecuritySettings
+        cls, servicer: decision_pb2_grpc.DecisionServiceServicer, host: str, port: int, security: SecuritySettings,
+        on_call_end: CallObserver | None = None,
     ) -> "DecisionServer":
         """Read the TLS and token files off the event loop, then build the server (not started yet)."""
         material = await asyncio.to_thread(ServerMaterial.load, security)
-        return cls(servicer, host, port, security, material)
+        return cls(servicer, host, port, security, material, on_call_end)
 
     async def start(self) -> None:
         await self._server.start()

@@ -33,6 +33,7 @@ from orchestrator.cascade import CallBudget, Cascade, StageError
 from orchestrator.convert import decision_to_proto
 from orchestrator.errors import ApiError, api_error, grpc_status
 from orchestrator.feedback import FeedbackFanout
+from orchestrator.metrics import GatewayMetrics
 from orchestrator.store import (
     DecisionRecord,
     DecisionStore,
@@ -73,6 +74,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         feedback: FeedbackFanout | None = None,
         feature_ranges: Mapping[str, tuple[float, float]] | None = None,
         validation: ValidationSettings | None = None,
+        metrics: GatewayMetrics | None = None,
     ):
         self._cascade = cascade
         self._feedback = feedback
@@ -84,12 +86,13 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         self._info = info
         self._in_flight: dict[str, _Flight] = {}
         self._active = 0  # decisions being worked on (a batch counts its items)
+        self._metrics = metrics
 
     # -- RPCs -----------------------------------------------------------------------------------------------
 
     async def Decide(self, request: pb.DecideRequest, context: grpc.aio.ServicerContext) -> pb.DecideResponse:
         try:
-            with self._admit(1):
+            with self._admit(1, "Decide"):
                 decision = await self._decide(request, self._deadline(context))
         except (ApiError, InvalidField) as exc:
             await context.abort_with_status(grpc_status(api_error(exc)))
@@ -105,7 +108,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"requests: must hold 1 to {self._settings.max_batch_items} items, got {n}", "requests",
                 )
-            with self._admit(n):
+            with self._admit(n, "DecideBatch"):
                 deadline = self._deadline(context)
                 call = CallBudget(self._cascade.max_escalations_per_call)
                 results = await asyncio.gather(
@@ -130,7 +133,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         async def one(item: pb.DecideRequest) -> None:
             try:
                 try:
-                    with self._admit(1):
+                    with self._admit(1, "DecideStream"):
                         deadline = min(time.monotonic() + item_s, call_deadline)
                         decision = await self._decide(item, deadline)
                     result = pb.DecideBatchResult(request_id=item.request_id, decision=decision)
@@ -235,9 +238,11 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     def active_decisions(self) -> int:
         return self._active
 
-    def _admit(self, n: int) -> "_Admission":
+    def _admit(self, n: int, method: str) -> "_Admission":
         limit = self._settings.max_in_flight_decisions
         if self._active + n > limit:
+            if self._metrics is not None:
+                self._metrics.observe_shed(method)
             raise ApiError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server busy: {self._active} decisions in flight (limit {limit}); retry after "
@@ -285,7 +290,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             if stored is not None:
                 _check_same(stored, request_fingerprint)
                 if not stored.degraded:
-                    return _replay(stored)
+                    return self._replayed(stored)
             flight = self._in_flight.get(request_id)
             if flight is None:
                 break
@@ -293,7 +298,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             _, record, _ = await asyncio.shield(flight.task)
             _check_same(record, request_fingerprint)
             if not record.degraded or flight.deadline >= deadline:
-                return _replay(record)
+                return self._replayed(record)
             # degraded under a shorter deadline than ours: decide again (loop: someone else may have started)
 
         task = asyncio.get_running_loop().create_task(
@@ -304,7 +309,12 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         self._in_flight[request_id] = flight
         task.add_done_callback(lambda done: self._landed(request_id, flight))
         message, record, written = await asyncio.shield(task)
-        return message if written else _replay(record)
+        return message if written else self._replayed(record)
+
+    def _replayed(self, stored: DecisionRecord) -> pb.Decision:
+        if self._metrics is not None:
+            self._metrics.observe_replay()
+        return _replay(stored)
 
     def _landed(self, request_id: str, flight: _Flight) -> None:
         if self._in_flight.get(request_id) is flight:
@@ -335,6 +345,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             payload=message.SerializeToString(),
             event=recorded_event.SerializeToString(),
         )
+        handed = time.perf_counter()
         try:
             stored, written = await self._store.put_decision(record)
         except StoreBusyError as exc:
@@ -343,6 +354,8 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         except Exception as exc:  # noqa: BLE001 - closed, disk, or any failure of the write: not acknowledged
             raise ApiError(grpc.StatusCode.UNAVAILABLE, f"decision could not be persisted: {exc}") from exc
         message.attempt = stored.attempts
+        if written and self._metrics is not None:
+            self._metrics.observe_decision(decision, time.perf_counter() - handed)
         return message, stored, written
 
 

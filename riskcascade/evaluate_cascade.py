@@ -31,13 +31,12 @@ from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
 from riskcascade.core.config import Settings
-from riskcascade.core.domain import Action, FastScore, ReasonerVerdict, ReasoningRequest
+from riskcascade.core.domain import REASONER_FALLBACK_CODE, Action, FastScore, ReasonerVerdict, ReasoningRequest
 from riskcascade.core.merge import MergeRules, merge
 from riskcascade.core.model_card import load_model_card
 from riskcascade.core.policy import EscalationPolicy, Route, escalation_policy
 from riskcascade.modelling.datasets import read_split_events
 from riskcascade.modelling.synthetic import LabelledEvent, to_risk_event
-
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def review_each(settings: Settings, cases: Sequence[tuple[LabelledEvent, FastSco
 
 def is_fallback(verdict: ReasonerVerdict) -> bool:
     """The reasoner fell back (its backend failed or ran out of time) instead of reasoning."""
-    return any(r.code == "REASONER_FALLBACK" for r in verdict.reasons)
+    return any(r.code == REASONER_FALLBACK_CODE for r in verdict.reasons)
 
 
 def run_cascade_evaluation(

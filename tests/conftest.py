@@ -90,19 +90,22 @@ def write_platform_config(workdir: Path, otlp_endpoint: str, **overrides) -> Pat
     config = {
         "server": {"host": "127.0.0.1", "port": free_port(), "ready_file": str(workdir / "ready.json"),
                    "pid_file": str(workdir / "riskcascade.pid")},
-        "ray": {"dashboard_port": free_port(), "num_cpus": 2},
+        # Ray exports the replicas' Serve metrics on a known port, for the Prometheus of tests/test_metrics.py
+        "ray": {"dashboard_port": free_port(), "num_cpus": 2, "metrics_export_port": free_port()},
         "model": {"dir": str(workdir / "model")},
         "data": {"dir": str(workdir / "data"), "n_events": TEST_EVENTS, "seed": 11},
         "retrieval": {"backend": "edge", "edge_path": str(workdir / "edge")},
         "store": {"sqlite_path": str(workdir / "decisions.sqlite")},
         "state": {"log_path": str(workdir / "entity-state.sqlite")},
         "tracing": {"exporter": "otlp", "otlp_endpoint": otlp_endpoint},
+        "metrics": {"port": 0},  # the bound port is in the ready file
         # Generous time margins make the deadline paths deterministic on a slow machine: a call with less than
         # 300 ms left never reaches a stage, and one with less than 1 s left after scoring is not escalated.
         "escalation": {"min_reasoner_budget_ms": 1000},
         "security": platform_security(workdir / "secrets"),
     }
     config["server"]["reserve_ms"] = RESERVE_MS
+    config["security"]["ray_metrics_export"] = True
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)
     path = workdir / "riskcascade.yaml"

@@ -122,6 +122,9 @@ class Gateway:
         await self.server.start()
         await self.health.attach(self.health_servicer, self.breakers)
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        # connected before the first call: a call with a deadline of a few ms must reach the server, not spend it
+        # on the connection (it then expires in the client and nothing is decided)
+        await asyncio.wait_for(self.channel.channel_ready(), PATIENCE_S)
         self.stub = pb_grpc.DecisionServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         return self

@@ -106,6 +106,11 @@ class RaySettings(_Section):
     scorer_app: str = Field("scorer", description="Serve application name of the fast scorer")
     reasoner_app: str = Field("reasoner", description="Serve application name of the reasoner")
     start_timeout_s: float = Field(180.0, gt=0, description="how long to wait for applications to run")
+    metrics_export_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="port of a local Ray's Prometheus export (the replicas' Serve metrics), with "
+        "security.ray_metrics_export; empty = Ray picks one",
+    )
     app_poll_interval_s: float = Field(0.5, gt=0, description="how often start-up checks the applications' status")
     scorer_info_timeout_s: float = Field(
         30.0, gt=0, description="time the scorer gets to describe its model (band, features) at start-up"
@@ -568,7 +573,7 @@ class SecuritySettings(_Section):
 
     def exposure_problem(self, host: str) -> str | None:
         """Why serving on ``host`` with these settings is refused, or None when it is allowed."""
-        if self.allow_insecure or (self.tls and self.tokens) or _is_loopback(host):
+        if self.allow_insecure or (self.tls and self.tokens) or is_loopback(host):
             return None
         return (
             f"server.host {host} is not a loopback address: it needs security.tls and security.tokens "
@@ -622,6 +627,26 @@ class ValidationSettings(_Section):
     )
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics (orchestrator/metrics.py, and Serve custom metrics in the replicas)."""
+
+    enabled: bool = Field(True, description="serve the orchestrator's /metrics")
+    host: str = Field(
+        "127.0.0.1",
+        description="address /metrics binds; a non-loopback one needs security.tls (then served over TLS, and a "
+        "scraper must present a client certificate signed by security.ca_file) or security.allow_insecure",
+    )
+    port: int = Field(9464, ge=0, le=65535, description="port of /metrics; 0 picks a free one (in the ready file)")
+    latency_buckets_ms: tuple[float, ...] = Field(
+        (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000), min_length=1,
+        description="upper bounds of the latency histograms, in milliseconds (exported in seconds)",
+    )
+    batch_buckets: tuple[float, ...] = Field(
+        (1, 2, 4, 8, 16, 32, 64, 128, 256), min_length=1,
+        description="upper bounds of the scorer's batch-size histogram (rows)",
+    )
+
+
 class TracingSettings(_Section):
     exporter: Literal["otlp", "console", "none"] = Field("none", description="where spans go")
     otlp_endpoint: str = Field("http://127.0.0.1:4317", description="OTLP/gRPC collector endpoint")
@@ -654,6 +679,7 @@ class Settings(BaseSettings):
     reflection: ReflectionSettings = ReflectionSettings()
     store: StoreSettings = StoreSettings()
     tracing: TracingSettings = TracingSettings()
+    metrics: MetricsSettings = MetricsSettings()
     security: SecuritySettings = SecuritySettings()
     validation: ValidationSettings = ValidationSettings()
     pricing: PricingSettings = PricingSettings()
@@ -717,7 +743,7 @@ def secret_text(value: SecretStr | None, file: Path | None) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -33,6 +33,17 @@ class Stage(str, enum.Enum):
     FALLBACK = "fallback"
 
 
+class DegradedCause(str, enum.Enum):
+    """Why a decision is degraded, as a closed set (metrics label it; ``degraded_reason`` says it in words)."""
+
+    NONE = "none"
+    FAST_MODEL_FAILED = "fast_model_failed"  # the fast model failed or its circuit is open: the failure policy decided
+    REASONER_FAILED = "reasoner_failed"  # escalated, but the reasoner failed or ran out of time
+    NO_TIME_FOR_REASONER = "no_time_for_reasoner"  # uncertain, but too little of the deadline was left to escalate
+    REASONER_BUSY = "reasoner_busy"  # uncertain, but escalation.max_in_flight escalations were running
+    CALL_ESCALATION_LIMIT = "call_escalation_limit"  # uncertain, but the call spent escalation.max_per_call
+
+
 class Outcome(str, enum.Enum):
     LEGITIMATE = "legitimate"
     FRAUD = "fraud"
@@ -96,6 +107,7 @@ class StageTiming:
 
 
 EVENT_TYPE_ATTRIBUTE = "event_type"  # the categorical attribute every event carries
+REASONER_FALLBACK_CODE = "REASONER_FALLBACK"  # reason code of a reasoner verdict that fell back to review
 
 
 @dataclass(frozen=True)
@@ -174,6 +186,7 @@ class Decision:
     degraded: bool
     degraded_reason: str
     decided_at: datetime
+    degraded_cause: DegradedCause = DegradedCause.NONE
     missing_features: tuple[str, ...] = ()
     fast_score: float = 0.0
     scorer_provider: str = ""
@@ -232,3 +245,6 @@ class ScorerInfo:
     # plausible [low, high] per input feature, from the model card (training's extremes, widened); {} for a card
     # written before cards declared ranges: the edge then holds every feature to its global bound only
     feature_ranges: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False)
+    # share of validation events the band escalated when it was chosen (the model card's escalation_share): the
+    # live escalation share is watched against it; None for a card that does not say
+    target_escalation_share: float | None = None

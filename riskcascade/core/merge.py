@@ -20,7 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from riskcascade.core.config import MergeSettings
-from riskcascade.core.domain import Action, EventType, FastScore, ReasonCode, ReasonerVerdict, ReasoningStep, Stage
+from riskcascade.core.domain import (
+    Action,
+    DegradedCause,
+    EventType,
+    FastScore,
+    ReasonCode,
+    ReasonerVerdict,
+    ReasoningStep,
+    Stage,
+)
 from riskcascade.core.policy import Route, RoutingDecision
 
 
@@ -53,6 +62,7 @@ class MergedVerdict:
     reasoning_steps: tuple[ReasoningStep, ...] = ()
     rationale: str = ""
     reasoner_backend: str = ""
+    degraded_cause: DegradedCause = DegradedCause.NONE
 
 
 def fast_model_failed(rules: MergeRules, event_type: EventType, why: str) -> MergedVerdict:
@@ -66,6 +76,7 @@ def fast_model_failed(rules: MergeRules, event_type: EventType, why: str) -> Mer
         evidence=(),
         degraded=True,
         degraded_reason=f"fast model failed: {why}; failure policy for {event_type.value}: {action.value}",
+        degraded_cause=DegradedCause.FAST_MODEL_FAILED,
     )
 
 
@@ -82,13 +93,14 @@ def merge(
         return MergedVerdict(action, fast.score, Stage.FAST_MODEL, False, fast.reasons, (), False, "")
     if routing.route is Route.HOLD:
         return MergedVerdict(
-            rules.undecided_action, fast.score, Stage.FALLBACK, False, fast.reasons, (), True, routing.reason
+            rules.undecided_action, fast.score, Stage.FALLBACK, False, fast.reasons, (), True, routing.reason,
+            degraded_cause=routing.cause,
         )
     if verdict is None:
         why = reasoner_error or "reasoner returned no verdict"
         return MergedVerdict(
             rules.undecided_action, fast.score, Stage.FALLBACK, True, fast.reasons, (), True,
-            f"escalated but reasoner failed: {why}",
+            f"escalated but reasoner failed: {why}", degraded_cause=DegradedCause.REASONER_FAILED,
         )
     action = verdict.action
     reasons = verdict.reasons + fast.reasons

@@ -14,6 +14,7 @@ import enum
 from dataclasses import dataclass
 
 from riskcascade.core.config import EscalationSettings
+from riskcascade.core.domain import DegradedCause
 
 
 class Route(str, enum.Enum):
@@ -27,6 +28,7 @@ class Route(str, enum.Enum):
 class RoutingDecision:
     route: Route
     reason: str
+    cause: DegradedCause = DegradedCause.NONE  # for a HOLD: which budget stopped the escalation
 
 
 @dataclass(frozen=True)
@@ -57,17 +59,20 @@ class EscalationPolicy:
                 Route.HOLD,
                 f"uncertain score {score:.3f} but only {remaining_ms:.0f} ms of the deadline left "
                 f"(reasoner needs {self.min_reasoner_budget_ms:.0f} ms)",
+                DegradedCause.NO_TIME_FOR_REASONER,
             )
         if in_flight >= self.max_in_flight:
             return RoutingDecision(
                 Route.HOLD,
                 f"uncertain score {score:.3f} but escalation budget exhausted "
                 f"({in_flight} of {self.max_in_flight} escalations running)",
+                DegradedCause.REASONER_BUSY,
             )
         if call_left <= 0:
             return RoutingDecision(
                 Route.HOLD,
                 f"uncertain score {score:.3f} but this call's escalation budget is spent (escalation.max_per_call)",
+                DegradedCause.CALL_ESCALATION_LIMIT,
             )
         return RoutingDecision(Route.ESCALATE, f"uncertain score {score:.3f} inside the band")
 

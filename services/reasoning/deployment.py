@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray import serve
+from ray.serve import metrics
 
 from riskcascade.core.config import Settings, settings_from_wire
-from riskcascade.core.domain import AdjudicatedCase, ReasonerVerdict, ReasoningRequest
+from riskcascade.core.domain import REASONER_FALLBACK_CODE, AdjudicatedCase, ReasonerVerdict, ReasoningRequest
 from riskcascade.core.telemetry import configure_tracing, inject_context, span
 from services.reasoning.service import ReasoningService, open_reasoning_service
 
@@ -20,11 +22,24 @@ class Reasoner:
         # Read-write: while the platform runs, this replica is the one process that holds the case index, so
         # feedback (add_case) is written here and the next review can find it.
         self._service: ReasoningService = open_reasoning_service(config, read_only=False)
+        self._reviews = metrics.Counter(
+            "riskcascade_reasoner_reviews", description="Cases reviewed, by the verdict's action and backend, and "
+            "whether the review fell back", tag_keys=("action", "backend", "fallback"),
+        )
+        self._review_seconds = metrics.Histogram(
+            "riskcascade_reasoner_review_seconds", description="Time of one case review (retrieval, agents, model)",
+            boundaries=[ms / 1000.0 for ms in config.metrics.latency_buckets_ms],
+        )
 
     async def reason(self, request: ReasoningRequest) -> ReasonerVerdict:
         event = request.event
         with span("reasoner.reason", carrier=request.trace_carrier, request_id=event.request_id) as current:
+            started = time.perf_counter()
             verdict = await self._service.review(request, inject_context())
+            fell_back = any(r.code == REASONER_FALLBACK_CODE for r in verdict.reasons)
+            self._reviews.inc(tags={"action": verdict.action.value, "backend": verdict.backend,
+                                    "fallback": str(fell_back).lower()})
+            self._review_seconds.observe(time.perf_counter() - started)
             current.set_attribute("reasoner.action", verdict.action.value)
             current.set_attribute("reasoner.backend", verdict.backend)
             return verdict

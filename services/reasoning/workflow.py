@@ -37,7 +37,14 @@ from workflows.events import Event, StartEvent, StopEvent
 
 from retrieval.narrative import event_narrative
 from riskcascade.core.config import LLMSettings, ReasonerSettings, ReflectionSettings
-from riskcascade.core.domain import Action, ReasonCode, ReasonerVerdict, ReasoningRequest, ReasoningStep
+from riskcascade.core.domain import (
+    REASONER_FALLBACK_CODE,
+    Action,
+    ReasonCode,
+    ReasonerVerdict,
+    ReasoningRequest,
+    ReasoningStep,
+)
 from riskcascade.core.telemetry import span
 from services.reasoning.agents import PolicyAgent, SimilarCaseAgent, StructuredDataAgent, suspected_risk_types
 from services.reasoning.case_file import CaseFile, EvidenceItem, narratable_features
@@ -317,7 +324,7 @@ def _fallback(case: CaseFile, request: ReasoningRequest, failure: str, cfg: Case
         score=min(max(request.fast_score.score, 0.0), 1.0),  # a probability, whatever the scorer sent
         confidence=0.0,
         rationale=f"reasoning fell back to review: {failure}",
-        reasons=(ReasonCode("REASONER_FALLBACK", failure, 0.0),),
+        reasons=(ReasonCode(REASONER_FALLBACK_CODE, failure, 0.0),),
         evidence=_cited_first(case, ()),
         steps=(),
         policy_version=cfg.reasoner.policy_version,

@@ -14,13 +14,15 @@ Labels (``record_labels``, sent by the orchestrator when feedback arrives) go th
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.serve import metrics
 
-from riskcascade.core.config import settings_from_wire
+from riskcascade.core.config import MetricsSettings, settings_from_wire
 from riskcascade.core.domain import FastScore, LabelRecord, ScoreRequest, ScorerInfo
 from riskcascade.core.entity_state import LabelEvent
 from riskcascade.core.state_backends import open_entity_state
@@ -28,6 +30,29 @@ from riskcascade.core.telemetry import configure_tracing, span
 from services.scorer.arrivals import ArrivalGate
 from services.scorer.fast_model import FastModel
 
+
+class ScorerMetrics:
+    """The replica's Serve custom metrics (Ray adds deployment, replica and application tags)."""
+
+    def __init__(self, settings: MetricsSettings):
+        self.rows = metrics.Counter(
+            "riskcascade_scorer_rows", description="Events scored, by how the call reached the replica",
+            tag_keys=("call",),
+        )
+        self.batch_rows = metrics.Histogram(
+            "riskcascade_scorer_batch_rows", description="Events per model run",
+            boundaries=list(settings.batch_buckets),
+        )
+        self.run_seconds = metrics.Histogram(
+            "riskcascade_scorer_run_seconds",
+            description="Time of one model run (entity state, features, ONNX, reason codes) in the worker thread",
+            boundaries=[ms / 1000.0 for ms in settings.latency_buckets_ms],
+        )
+
+    def scored(self, call: str, rows: int, seconds: float) -> None:
+        self.rows.inc(rows, tags={"call": call})
+        self.batch_rows.observe(rows)
+        self.run_seconds.observe(seconds)
 
 
 class ScorerUserConfig(BaseModel):
@@ -57,6 +82,7 @@ class FastScorer:
         self._arrivals = ArrivalGate()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._batching: ScorerUserConfig | None = None  # set by reconfigure, from deploy/serve.yaml
+        self._metrics = ScorerMetrics(config.metrics)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         try:
@@ -75,7 +101,7 @@ class FastScorer:
             async with self._arrivals.enter() as lone:
                 current.set_attribute("scorer.batched", not lone)
                 if lone:
-                    return (await self._run(self._model.score_batch, [request]))[0]
+                    return (await self._score("lone", [request]))[0]
                 return await self._score_batched(request)
 
     async def score_many(self, requests: list[ScoreRequest]) -> list[FastScore]:
@@ -84,12 +110,12 @@ class FastScorer:
         if not requests:
             return []
         with span("scorer.score_many", carrier=requests[0].trace_carrier, batch_size=len(requests)):
-            return await self._run(self._model.score_batch, requests)
+            return await self._score("score_many", requests)
 
     @serve.batch  # sizes come from user_config (reconfigure runs before the replica takes a call)
     async def _score_batched(self, rows: list[ScoreRequest]) -> list[FastScore]:
         with span("scorer.batch", batch_size=len(rows)):
-            return await self._run(self._model.score_batch, rows)
+            return await self._score("serve_batch", rows)
 
     async def record_labels(self, labels: list[LabelRecord]) -> int:
         """Fold adjudicated outcomes into the entity state from their arrival; returns how many found their
@@ -107,6 +133,12 @@ class FastScorer:
     async def ping(self, _: object = None) -> bool:
         """Liveness for the orchestrator's stage probe: answered on the replica's loop, no model work."""
         return True
+
+    async def _score(self, call: str, requests: list[ScoreRequest]) -> list[FastScore]:
+        started = time.perf_counter()
+        scores = await self._run(self._model.score_batch, requests)
+        self._metrics.scored(call, len(requests), time.perf_counter() - started)
+        return scores
 
     async def _run(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)

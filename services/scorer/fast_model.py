@@ -96,6 +96,7 @@ class FastModel:
             provider=self._session.get_providers()[0],
             provider_detail=probe.detail,
             feature_ranges=declared_feature_ranges(self.card),
+            target_escalation_share=self.card.metrics.get("escalation_share"),
         )
         log.info("fast model %s on %s (%s)", self.card.version, self.info.provider, probe.detail)
         if self._anomaly is not None:
