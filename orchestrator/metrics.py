@@ -19,9 +19,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from orchestrator.auth import SecurityError
 from riskcascade.core.config import MetricsSettings, SecuritySettings, is_loopback
-from riskcascade.core.domain import REASONER_FALLBACK_CODE, Decision, DegradedCause
+from riskcascade.core.domain import REASONER_FALLBACK_CODE, Action, Decision, DegradedCause, EventType, Stage
 
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+# who decides what when nothing is degraded: these series exist from the start, at 0 (a counter that first appears
+# with its value already counted shows no rate until it changes again)
+NORMAL_OUTCOMES = ((Action.APPROVE, Stage.FAST_MODEL), (Action.BLOCK, Stage.FAST_MODEL),
+                   (Action.APPROVE, Stage.REASONER), (Action.REVIEW, Stage.REASONER), (Action.BLOCK, Stage.REASONER))
 
 
 class GatewayMetrics:
@@ -94,6 +98,10 @@ class GatewayMetrics:
             self.fallbacks.labels(stage)
         for method in ("Decide", "DecideBatch", "DecideStream"):
             self.shed.labels(method)
+        for event_type in EventType:  # the escalation share's numerator and denominator, on the normal paths
+            self.escalations.labels(event_type.value)
+            for action, stage in NORMAL_OUTCOMES:
+                self.decisions.labels(action.value, stage.value, event_type.value, DegradedCause.NONE.value)
 
     # -- what the platform tells it -------------------------------------------------------------------------
 

@@ -89,6 +89,32 @@ def _train(settings: Settings, progress: bool, dataset: str = "synthetic") -> No
     )
 
 
+@main.command()
+@config_option
+@click.option("--events", "events_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="events in the generator's CSV format (e.g. written by `riskcascade data`)")
+@click.option("--split", type=click.Choice(["valid", "test"]), default=None,
+              help="or one of the data set's own splits")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/drift", show_default=True,
+              help="folder for drift.md, drift.json and drift.png")
+def drift(config: str | None, events_file: str | None, split: str | None, out_dir: str) -> None:
+    """Population stability of events against the deployed model's training reference: each input, the score,
+    and the escalation share against the band's (table, JSON, PNG)."""
+    if (events_file is None) == (split is None):
+        raise click.UsageError("give exactly one of --events FILE and --split valid|test")
+    from riskcascade.drift_report import DriftReportError, run_drift_report
+
+    settings = _settings(config)
+    try:
+        report = run_drift_report(settings, Path(out_dir), Path(events_file) if events_file else None, split)
+    except (DriftReportError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    moved = [f for f in report["features"] if f["status"] != "stable"]
+    click.echo(f"{report['n_events']:,} events: score PSI {report['score']['psi']:.3f} ({report['score']['status']}), "
+               f"{len(moved)} of {len(report['features'])} inputs moved, escalation share "
+               f"{report['escalation_share']['live']:.1%}; report in {out_dir}/drift.md")
+
+
 @main.command(name="eval")
 @config_option
 @dataset_option

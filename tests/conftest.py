@@ -99,6 +99,7 @@ def write_platform_config(workdir: Path, otlp_endpoint: str, **overrides) -> Pat
         "state": {"log_path": str(workdir / "entity-state.sqlite")},
         "tracing": {"exporter": "otlp", "otlp_endpoint": otlp_endpoint},
         "metrics": {"port": 0},  # the bound port is in the ready file
+        "drift": {"export_every_events": 20},  # the replica's PSI gauges refresh within a test's traffic
         # Generous time margins make the deadline paths deterministic on a slow machine: a call with less than
         # 300 ms left never reaches a stage, and one with less than 1 s left after scoring is not escalated.
         "escalation": {"min_reasoner_budget_ms": 1000},

@@ -69,8 +69,11 @@ def test_decisions_are_counted_by_action_stage_type_and_degraded_cause():
     assert value("riskcascade_stage_latency_seconds_count", {"stage": "fast_model"}) == 3
     assert value("riskcascade_stage_latency_seconds_sum", {"stage": "cascade_total"}) == pytest.approx(0.012)
     assert value("riskcascade_store_write_seconds_count") == 3
-    # series an alert rate()s over exist before their first event, at 0
+    # series an alert or a recording rule rate()s over exist before their first event, at 0
     assert value("riskcascade_shed_decisions_total", {"method": "Decide"}) == 0
+    assert value("riskcascade_escalations_total", {"event_type": "login"}) == 0
+    assert value("riskcascade_decisions_total", {"action": "block", "stage": "reasoner", "event_type": "payout",
+                                                  "degraded_cause": "none"}) == 0
 
 
 def test_circuit_changes_and_what_decides_are_exported():
@@ -128,13 +131,30 @@ def metric_family(name: str) -> str:
     return re.sub(r"_(bucket|count|sum)$", "", name)
 
 
+def mixed_events(platform) -> list:  # noqa: ANN001
+    """30 events the fast model finds clear and 10 it finds uncertain (time-true scores computed here, as
+    tests/test_platform.py does), so the traffic has escalations for the escalation counters to count."""
+    from riskcascade.evaluate_cascade import time_true_inputs
+    from services.scorer.fast_model import FastModel
+
+    parts = {name: read_events_csv(platform.workdir / "data" / f"{name}.csv") for name in ("train", "valid", "test")}
+    model = FastModel(platform.workdir / "model", reason_count=0)
+    x = model.model_input(time_true_inputs(platform.workdir / "model", parts, "test")[:1500])
+    scores = [s.score for s in model.score_matrix(x)]
+    low, high = platform.state["band"]
+    clear = [e for e, s in zip(parts["test"], scores) if s < low * 0.5]
+    uncertain = [e for e, s in zip(parts["test"], scores) if low + (high - low) * 0.25 <= s < high - (high - low) * 0.25]
+    assert len(clear) >= 30 and len(uncertain) >= 10
+    return clear[:30] + uncertain[:10]
+
+
 @pytest.mark.slow
 def test_prometheus_scrapes_what_the_platform_decided(platform, stub):
     """Decisions, refusals and replays sent here show up, exactly, in a real Prometheus scraping the platform; the
     replicas' Serve metrics arrive through Ray's export; every series the dashboard plots exists."""
     metrics_port = platform.state["metrics_port"]
     ray_port = yaml.safe_load(platform.config_path.read_text())["ray"]["metrics_export_port"]
-    events = read_events_csv(platform.workdir / "data" / "test.csv")[:40]
+    events = mixed_events(platform)
     with running_prometheus({"riskcascade": f"127.0.0.1:{metrics_port}", "ray": f"127.0.0.1:{ray_port}"},
                             free_port(), rule_files=(RULES,)) as prometheus:
         up = prometheus.wait_for('min(up{job="riskcascade"})', lambda v: v == 1, SCRAPE_WAIT_S)
@@ -175,6 +195,15 @@ def test_prometheus_scrapes_what_the_platform_decided(platform, stub):
             reviews = prometheus.wait_for("sum(ray_riskcascade_reasoner_reviews_total)", lambda v: v >= 1,
                                           RAY_EXPORT_WAIT_S)
             assert reviews is not None and reviews >= sum(d.escalated for d in answers)
+
+        # the scorer's drift window: one PSI gauge per model input, and the score's, refreshed as events arrive
+        card = json.loads((platform.workdir / "model" / "model.json").read_text())
+        inputs = prometheus.wait_for("count(count by (feature) (ray_riskcascade_feature_psi))",
+                                     lambda v: v >= len(card["model_features"]), RAY_EXPORT_WAIT_S)
+        assert inputs == len(card["model_features"])
+        assert prometheus.value("max(ray_riskcascade_score_psi)") >= 0
+        assert prometheus.value("max(ray_riskcascade_drift_psi_alert)") == pytest.approx(0.25)
+        assert prometheus.value("max(ray_riskcascade_drift_window_events)") >= 20
 
         names = set(prometheus.get("/api/v1/label/__name__/values"))
         missing = sorted(s for s in dashboard_series() - recorded_series()

@@ -627,6 +627,30 @@ class ValidationSettings(_Section):
     )
 
 
+class DriftSettings(_Section):
+    """Population stability of live traffic against the training reference (riskcascade/core/drift.py)."""
+
+    enabled: bool = Field(True, description="keep a sliding window of scored events and export their PSI")
+    bins: int = Field(10, ge=2, le=100, description="quantile bins per feature in the reference training writes")
+    window_events: int = Field(5000, ge=1, description="scored events the live window holds, per scorer replica")
+    export_every_events: int = Field(
+        500, ge=1, description="the replica recomputes and exports its PSI gauges after this many events"
+    )
+    psi_floor: float = Field(1e-4, gt=0, lt=1, description="least share a bin counts with (an empty bin is not "
+                             "infinitely surprising)")
+    psi_warn: float = Field(0.1, gt=0, description="PSI from which a feature or the score has moved (report: warn)")
+    psi_alert: float = Field(
+        0.25, gt=0, description="PSI from which the population has shifted (report: alert; exported as "
+        "riskcascade_drift_psi_alert, which the Prometheus alert compares against)",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DriftSettings":
+        if self.psi_warn > self.psi_alert:
+            raise ValueError("psi_warn must not exceed psi_alert")
+        return self
+
+
 class MetricsSettings(_Section):
     """Prometheus metrics (orchestrator/metrics.py, and Serve custom metrics in the replicas)."""
 
@@ -680,6 +704,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     tracing: TracingSettings = TracingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    drift: DriftSettings = DriftSettings()
     security: SecuritySettings = SecuritySettings()
     validation: ValidationSettings = ValidationSettings()
     pricing: PricingSettings = PricingSettings()

@@ -42,7 +42,14 @@ from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from riskcascade.core.calibration import PlattCalibrator  # noqa: E402
-from riskcascade.core.config import Settings, StateSettings, TrainingSettings, ValidationSettings  # noqa: E402
+from riskcascade.core.config import (  # noqa: E402
+    DriftSettings,
+    Settings,
+    StateSettings,
+    TrainingSettings,
+    ValidationSettings,
+)
+from riskcascade.core.drift import REFERENCE_FILE, DriftReference  # noqa: E402
 from riskcascade.core.features import FeatureLayout  # noqa: E402
 from riskcascade.core.model_card import (  # noqa: E402
     BOOSTER_FILE,
@@ -219,6 +226,7 @@ class TrainedModel:
     input_scaling: FeatureScaling  # over the raw numeric inputs (behaviour vectors of the case memory)
     training: dict[str, Any]
     input_extremes: dict[str, tuple[float, float]] = field(default_factory=dict)  # training min and max per input
+    drift_reference: DriftReference | None = None  # what live traffic is compared with (riskcascade.core.drift)
 
 
 def split_of(dataset: Dataset, index: int, config: TrainingSettings, seed: int) -> np.ndarray:
@@ -265,7 +273,7 @@ def _early_stopping(patience: int, min_rounds: int):  # noqa: ANN202 - a LightGB
 
 def fit_fast_model(
     dataset: Dataset, split: np.ndarray, config: TrainingSettings, seed: int, progress: bool = False,
-    state: StateSettings | None = None,
+    state: StateSettings | None = None, drift_bins: int = DriftSettings().bins,
 ) -> TrainedModel:
     """Fit the whole fast model on one split of ``dataset``; RuntimeError when ONNX disagrees with LightGBM.
 
@@ -328,6 +336,10 @@ def fit_fast_model(
         raw_valid = booster.predict(x["valid"])
         calibrator = PlattCalibrator.fit(raw_valid, y["valid"])
         calibrated_valid = calibrator.apply(raw_valid)
+        drift_reference = DriftReference.fit(
+            names, x["valid"], calibrated_valid, drift_bins,
+            source=f"validation split, {len(calibrated_valid)} events, {drift_bins} quantile bins per input",
+        )
         costs = BandCosts(**config.costs.model_dump())
         if config.band_rule == "cost":
             band = band_by_cost(calibrated_valid, y["valid"], costs)
@@ -387,6 +399,7 @@ def fit_fast_model(
                 std=np.maximum(np.nanstd(inputs, axis=0), STD_FLOOR).tolist(),
             ),
             input_extremes=observed_extremes(layout.numeric, inputs),
+            drift_reference=drift_reference,
             training={
                 "best_iteration": best_iteration,
                 "params": params,
@@ -496,6 +509,10 @@ def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any],
         os.replace(tmp, path)
     (model_dir / BOOSTER_FILE).write_text(model.booster.model_to_string())
     layout.save(model_dir)
+    if model.drift_reference is not None:
+        model.drift_reference.save(model_dir)
+    else:
+        (model_dir / REFERENCE_FILE).unlink(missing_ok=True)
     write_model_card(model_dir, card)
     log.info("wrote %s: test ROC-AUC %.4f, band [%.3f, %.3f)", card.version, model.metrics["roc_auc"], *model.band)
     return card
@@ -506,5 +523,5 @@ def train_model(settings: Settings, dataset: Dataset, progress: bool = True, dat
     """Train on the data set's first split (or a stratified one) and write the model into ``settings.model.dir``."""
     split = split_of(dataset, 0, settings.training, settings.data.seed)
     model = fit_fast_model(dataset, split, settings.training, settings.data.seed, progress=progress,
-                           state=settings.state)
+                           state=settings.state, drift_bins=settings.drift.bins)
     return write_model(model, settings.model.dir, data or {}, settings.validation.feature_range_margin)

@@ -48,6 +48,26 @@ class ScorerMetrics:
             description="Time of one model run (entity state, features, ONNX, reason codes) in the worker thread",
             boundaries=[ms / 1000.0 for ms in settings.latency_buckets_ms],
         )
+        self.feature_psi = metrics.Gauge(
+            "riskcascade_feature_psi", description="PSI of each model input over the replica's drift window",
+            tag_keys=("feature",),
+        )
+        self.score_psi = metrics.Gauge(
+            "riskcascade_score_psi", description="PSI of the calibrated score over the replica's drift window",
+        )
+        self.window_events = metrics.Gauge("riskcascade_drift_window_events", description="Events in the window")
+        self.psi_warn = metrics.Gauge("riskcascade_drift_psi_warn", description="drift.psi_warn (config)")
+        self.psi_alert = metrics.Gauge("riskcascade_drift_psi_alert", description="drift.psi_alert (config)")
+
+    def drift(self, features: dict[str, float], score: float, events: int, warn: float, alert: float) -> None:
+        """The window's PSI, with the thresholds it is read against (set with every export: a gauge set once at
+        start-up is not reliably exported by Ray)."""
+        self.psi_warn.set(warn)
+        self.psi_alert.set(alert)
+        for name, value in features.items():
+            self.feature_psi.set(value, tags={"feature": name})
+        self.score_psi.set(score)
+        self.window_events.set(events)
 
     def scored(self, call: str, rows: int, seconds: float) -> None:
         self.rows.inc(rows, tags={"call": call})
@@ -78,11 +98,14 @@ class FastScorer:
             state=open_model_state(config),
             reported_state_features=config.model.reported_state_features,
             reasons_for=config.model.reasons_for,
+            drift_window=config.drift.window_events if config.drift.enabled else 0,
         )
         self._arrivals = ArrivalGate()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._batching: ScorerUserConfig | None = None  # set by reconfigure, from deploy/serve.yaml
         self._metrics = ScorerMetrics(config.metrics)
+        self._drift = config.drift
+        self._drift_exported_at = 0  # window events seen at the last export
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         try:
@@ -138,6 +161,11 @@ class FastScorer:
         started = time.perf_counter()
         scores = await self._run(self._model.score_batch, requests)
         self._metrics.scored(call, len(requests), time.perf_counter() - started)
+        window = self._model.drift
+        if window is not None and window.seen - self._drift_exported_at >= self._drift.export_every_events:
+            self._drift_exported_at = window.seen
+            snapshot = await self._run(self._model.drift_snapshot, self._drift.psi_floor)
+            self._metrics.drift(*snapshot, self._drift.psi_warn, self._drift.psi_alert)
         return scores
 
     async def _run(self, function: Any, *args: Any) -> Any:

@@ -34,6 +34,7 @@ from riskcascade.core.domain import (  # noqa: E402
     ScoreRequest,
     ScorerInfo,
 )
+from riskcascade.core.drift import DriftReference, DriftWindow  # noqa: E402
 from riskcascade.core.entity_state import EmbeddedEntityState, EntityState, StateEvent  # noqa: E402
 from riskcascade.core.features import FeatureLayout  # noqa: E402
 from riskcascade.core.model_card import BOOSTER_FILE, ONNX_FILE, ModelCard, load_model_card  # noqa: E402
@@ -51,7 +52,7 @@ BELOW_BAND_CODE = "SCORE_BELOW_BAND"
 class FastModel:
     def __init__(self, model_dir: Path, threads: int = 1, reason_count: int = 3, prefer_gpu: bool = True,
                  state: EntityState | None = None, reported_state_features: Sequence[str] = (),
-                 reasons_for: str = REASONS_ALL):
+                 reasons_for: str = REASONS_ALL, drift_window: int = 0):
         model_dir = Path(model_dir)
         self.card: ModelCard = load_model_card(model_dir)
         self._layout = FeatureLayout.load(model_dir)
@@ -99,6 +100,14 @@ class FastModel:
             target_escalation_share=self.card.metrics.get("escalation_share"),
         )
         log.info("fast model %s on %s (%s)", self.card.version, self.info.provider, probe.detail)
+        # the live population, against the reference training wrote (none: a model trained before references)
+        reference = DriftReference.load(model_dir) if drift_window else None
+        if reference is not None and reference.names != list(self._model_features):
+            raise ValueError(f"{model_dir}: the drift reference's columns are not the model's inputs")
+        self.drift = DriftWindow(reference, drift_window) if reference is not None else None
+        if drift_window and reference is None:
+            log.warning("model %s has no drift reference (trained before it was written): no live PSI; retrain to "
+                        "get one", self.card.version)
         if self._anomaly is not None:
             log.info("anomaly score: %s%s", self._anomaly.method,
                      f" ({self._anomaly.fallback_reason})" if self._anomaly.fallback_reason else "")
@@ -136,8 +145,20 @@ class FastModel:
         return x
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[FastScore]:
-        """Score events (a time-true model also folds them into the state, in order)."""
-        return self.score_matrix(self.matrix(requests))
+        """Score events (a time-true model also folds them into the state, in order); live events also enter the
+        drift window."""
+        x = self.matrix(requests)
+        scores = self.score_matrix(x)
+        if self.drift is not None:
+            self.drift.add(x, np.fromiter((s.score for s in scores), dtype=np.float64, count=len(scores)))
+        return scores
+
+    def drift_snapshot(self, floor: float) -> tuple[dict[str, float], float, int] | None:
+        """(PSI per model input, PSI of the score, events in the window), or None without a reference. Call it from
+        the thread that scores (the window is not locked)."""
+        if self.drift is None:
+            return None
+        return self.drift.feature_psi(floor), self.drift.score_psi(floor), self.drift.events
 
     def score_matrix(self, x: np.ndarray) -> list[FastScore]:
         """Score rows already in the model's input layout (``matrix``'s output, or training's replay features)."""
