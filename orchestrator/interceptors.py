@@ -14,9 +14,9 @@ naming its position.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,17 +71,21 @@ def _call_span(method: str, carrier: dict[str, str], context: grpc.aio.ServicerC
                on_call_end: CallObserver | None = None) -> Iterator[None]:
     """The call's span, with the status code the call ended with (told to ``on_call_end`` too)."""
     started = time.perf_counter()
+    unset = grpc.StatusCode.OK  # what the call ended with when the servicer set no code
     with span(method[1:], carrier=carrier, **{"rpc.system": "grpc", "rpc.method": method}) as current:
         try:
             yield
+        except asyncio.CancelledError:
+            unset = grpc.StatusCode.CANCELLED  # the client went away
+            raise
+        except BaseException:
+            unset = grpc.StatusCode.UNKNOWN  # raised past the servicer: grpc answers UNKNOWN
+            raise
         finally:
             code = context.code()
             current.set_attribute("rpc.grpc.status_code", code.value[0] if code else 0)
             if on_call_end is not None:
-                ended = code if code is not None else grpc.StatusCode.OK
-                if ended is grpc.StatusCode.OK and sys.exc_info()[0] is not None:
-                    ended = grpc.StatusCode.UNKNOWN  # raised past the servicer: grpc answers UNKNOWN
-                on_call_end(method, ended.name, time.perf_counter() - started)
+                on_call_end(method, (code if code is not None else unset).name, time.perf_counter() - started)
 
 
 def _traced_stream(method: str, carrier: dict[str, str], handler: grpc.RpcMethodHandler,

@@ -210,3 +210,56 @@ def test_prometheus_scrapes_what_the_platform_decided(platform, stub):
                          if s not in names and f"{s}_total" not in names and metric_family(s) not in names
                          and not any(n.startswith(metric_family(s)) for n in names))
         assert missing == [], "dashboard series no scrape provides"
+
+
+def test_calls_are_counted_by_the_status_code_they_ended_with():
+    """The tracing interceptor tells the metrics each call's method, code and time: an abort's code, OK, and
+    UNKNOWN for an exception that escaped the servicer (grpc answers UNKNOWN, so must the metric), CANCELLED for a
+    call its client gave up on."""
+    import asyncio
+
+    from orchestrator.interceptors import service_interceptors
+    from risk.v1 import decision_pb2_grpc as pb_grpc
+
+    class Servicer(pb_grpc.DecisionServiceServicer):
+        async def GetServiceInfo(self, request, context):  # noqa: N802, ANN001
+            return pb.ServiceInfo(model_version="m")
+
+        async def GetDecision(self, request, context):  # noqa: N802, ANN001
+            if request.request_id == "bad":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: bad")
+            if request.request_id == "slow":
+                slow_started.append(True)
+                await asyncio.sleep(30)
+            raise RuntimeError("a bug")
+
+    ended: list[tuple[str, str]] = []
+    slow_started: list[bool] = []
+
+    async def scenario() -> None:
+        server = grpc.aio.server(interceptors=service_interceptors(lambda m, code, s: ended.append((m, code))))
+        pb_grpc.add_DecisionServiceServicer_to_server(Servicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.DecisionServiceStub(channel)
+                await stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10)
+                for request_id in ("bad", "boom"):
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await stub.GetDecision(pb.GetDecisionRequest(request_id=request_id), timeout=10)
+                call = stub.GetDecision(pb.GetDecisionRequest(request_id="slow"), timeout=10)
+                while len(ended) < 3 or not slow_started:
+                    await asyncio.sleep(0.05)
+                call.cancel()
+                for _ in range(200):  # the server sees the cancellation on its own schedule
+                    if len(ended) == 4:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    method = "/risk.v1.DecisionService/"
+    assert ended == [(f"{method}GetServiceInfo", "OK"), (f"{method}GetDecision", "INVALID_ARGUMENT"),
+                     (f"{method}GetDecision", "UNKNOWN"), (f"{method}GetDecision", "CANCELLED")]
