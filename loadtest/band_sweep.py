@@ -190,9 +190,10 @@ class Measurement:
 def measure(settings, n_events: int, progress: bool = True) -> Measurement:
     from tqdm import tqdm
 
+    from riskcascade.core.domain import reasoner_fell_back
     from riskcascade.core.merge import MergeRules, merge
     from riskcascade.core.policy import Route, RoutingDecision
-    from riskcascade.evaluate_cascade import is_fallback, review_each, time_true_inputs
+    from riskcascade.evaluate_cascade import offline_scores, review_each, time_true_inputs
     from riskcascade.modelling.datasets import read_split_events
     from services.scorer.fast_model import FastModel
 
@@ -202,8 +203,7 @@ def measure(settings, n_events: int, progress: bool = True) -> Measurement:
     x_valid = model.model_input(time_true_inputs(settings.model.dir, parts, "valid"))
     started = time.process_time()
     batch = settings.evaluation.scoring_batch_size  # validation scoring only (band edges)
-    validation = np.array([s.score for start in range(0, len(x_valid), batch)
-                           for s in model.score_matrix(x_valid[start : start + batch])])
+    validation = np.array([s.score for s in offline_scores(model, x_valid, batch)])
     model_cpu_batched = (time.process_time() - started) / len(x_valid)
     started = time.process_time()  # the second replay: numba's kernels are compiled by now
     x_test = time_true_inputs(settings.model.dir, parts, "test")
@@ -224,7 +224,7 @@ def measure(settings, n_events: int, progress: bool = True) -> Measurement:
         merged=np.array([merge(rules, f, routing, r.verdict).risk_score for f, r in zip(fast, reviews)]),
         reasoner=np.array([r.verdict.score for r in reviews]),
         reasoner_cpu_s=np.array([r.cpu_s for r in reviews]), reasoner_wall_s=np.array([r.wall_s for r in reviews]),
-        fallbacks=sum(is_fallback(r.verdict) for r in reviews), validation_scores=validation,
+        fallbacks=sum(reasoner_fell_back(r.verdict.reasons) for r in reviews), validation_scores=validation,
         model_cpu_s_lone=fast_cpu / len(order),
         model_cpu_s_batched=model_cpu_batched, state_cpu_s_per_event=state_cpu, test_events=len(test),
         test_range=(min(e.occurred_at for e in test).isoformat(), max(e.occurred_at for e in test).isoformat()),

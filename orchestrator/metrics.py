@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from orchestrator.auth import SecurityError
 from riskcascade.core.config import MetricsSettings, SecuritySettings, is_loopback
-from riskcascade.core.domain import REASONER_FALLBACK_CODE, Action, Decision, DegradedCause, EventType, Stage
+from riskcascade.core.domain import Action, Decision, DegradedCause, EventType, Stage, reasoner_fell_back
 
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 # who decides what when nothing is degraded: these series exist from the start, at 0 (a counter that first appears
@@ -34,6 +34,7 @@ class GatewayMetrics:
     def __init__(self, settings: MetricsSettings, registry: CollectorRegistry | None = None):
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._server = None  # the /metrics HTTP server, once started
         seconds = tuple(ms / 1000.0 for ms in settings.latency_buckets_ms)
         r = self.registry
         self.decisions = Counter(
@@ -120,14 +121,14 @@ class GatewayMetrics:
         """A decision made and persisted (not a replay)."""
         self.decisions.labels(
             decision.action.value, decision.decided_by.value, decision.event_type.value,
-            DegradedCause(decision.degraded_cause).value,
+            decision.degraded_cause.value,
         ).inc()
         if decision.escalated:
             self.escalations.labels(decision.event_type.value).inc()
-        cause = DegradedCause(decision.degraded_cause)
+        cause = decision.degraded_cause
         if cause is DegradedCause.FAST_MODEL_FAILED:
             self.fallbacks.labels("fast_model").inc()
-        elif cause is DegradedCause.REASONER_FAILED or any(r.code == REASONER_FALLBACK_CODE for r in decision.reasons):
+        elif cause is DegradedCause.REASONER_FAILED or reasoner_fell_back(decision.reasons):
             self.fallbacks.labels("reasoner").inc()
         for timing in decision.timings:
             self.stage_latency.labels(timing.stage).observe(timing.duration_ms / 1000.0)
@@ -172,9 +173,8 @@ class GatewayMetrics:
         return server.server_port
 
     def stop_server(self) -> None:
-        server = getattr(self, "_server", None)
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
             self._server = None
 

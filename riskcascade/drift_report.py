@@ -46,7 +46,7 @@ def status_of(value: float, warn: float, alert: float) -> str:
 def run_drift_report(settings: Settings, out_dir: Path, events_file: Path | None = None,
                      split: str | None = None) -> dict:
     """Compare ``events_file`` (or the data set's ``split``) with the model's reference; write the report."""
-    from riskcascade.evaluate_cascade import time_true_inputs
+    from riskcascade.evaluate_cascade import offline_scores, time_true_inputs
     from riskcascade.modelling.datasets import read_split_events
     from riskcascade.modelling.synthetic import read_events_csv
     from services.scorer.fast_model import FastModel
@@ -73,9 +73,7 @@ def run_drift_report(settings: Settings, out_dir: Path, events_file: Path | None
     card = load_model_card(model_dir)
     model = FastModel(model_dir, threads=settings.model.onnx_threads, reason_count=0, prefer_gpu=False)
     x = model.model_input(time_true_inputs(model_dir, parts, "test" if events_file is not None else split))
-    batch = settings.evaluation.scoring_batch_size
-    scores = np.array([s.score for start in range(0, len(x), batch)
-                       for s in model.score_matrix(x[start:start + batch])])
+    scores = np.array([s.score for s in offline_scores(model, x, settings.evaluation.scoring_batch_size)])
     window = DriftWindow(reference, len(x))
     window.add(x, scores)
     cfg = settings.drift

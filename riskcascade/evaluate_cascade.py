@@ -31,7 +31,7 @@ from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
 from riskcascade.core.config import Settings
-from riskcascade.core.domain import REASONER_FALLBACK_CODE, Action, FastScore, ReasonerVerdict, ReasoningRequest
+from riskcascade.core.domain import Action, FastScore, ReasonerVerdict, ReasoningRequest, reasoner_fell_back
 from riskcascade.core.merge import MergeRules, merge
 from riskcascade.core.model_card import load_model_card
 from riskcascade.core.policy import EscalationPolicy, Route, escalation_policy
@@ -82,9 +82,9 @@ def review_each(settings: Settings, cases: Sequence[tuple[LabelledEvent, FastSco
     return reviews
 
 
-def is_fallback(verdict: ReasonerVerdict) -> bool:
-    """The reasoner fell back (its backend failed or ran out of time) instead of reasoning."""
-    return any(r.code == REASONER_FALLBACK_CODE for r in verdict.reasons)
+def offline_scores(model, x: np.ndarray, batch: int) -> list[FastScore]:  # noqa: ANN001 - a FastModel
+    """Fast scores of model-input rows, ``batch`` rows per ONNX run (offline: memory stays bounded)."""
+    return [s for start in range(0, len(x), batch) for s in model.score_matrix(x[start : start + batch])]
 
 
 def run_cascade_evaluation(
@@ -123,7 +123,7 @@ def run_cascade_evaluation(
         rows.append({
             "case_id": e.case_id, "label": e.label, "risk_type": e.risk_type, "fast": f.score,
             "reasoner": verdict.score, "cascade": merged.risk_score, "action": merged.action.value,
-            "fallback": is_fallback(verdict),
+            "fallback": reasoner_fell_back(verdict.reasons),
             "downgraded": any(r.code == "REFLECTION" and r.description.startswith("downgraded")
                               for r in verdict.reasons),
             "seconds": review.wall_s,

@@ -9,8 +9,6 @@ alert and recording rules in deploy/prometheus/.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -20,8 +18,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.system_binaries import required_binary
 
 MISSING = "{} is not installed: `make prometheus` (apt-get install -y prometheus)"
 START_TIMEOUT_S = 60.0
@@ -29,12 +28,7 @@ SCRAPE_INTERVAL_S = 1
 
 
 def prometheus_binary(name: str = "prometheus") -> str:
-    found = shutil.which(name)
-    if found is None:
-        if os.environ.get("RISKCASCADE_REQUIRE_PROMETHEUS") == "1":
-            pytest.fail(MISSING.format(name))
-        pytest.skip(MISSING.format(name))
-    return found
+    return required_binary(name, "RISKCASCADE_REQUIRE_PROMETHEUS", MISSING.format(name))
 
 
 class Prometheus:
@@ -72,7 +66,8 @@ class Prometheus:
 
 
 @contextmanager
-def running_prometheus(targets: Mapping[str, str], port: int, rule_files: tuple[Path, ...] = ()) -> Iterator[Prometheus]:
+def running_prometheus(targets: Mapping[str, str], port: int,
+                       rule_files: tuple[Path, ...] = ()) -> Iterator[Prometheus]:
     """Prometheus on 127.0.0.1:``port`` scraping each ``{job: host:port}`` every second, until the block ends."""
     binary = prometheus_binary()
     with tempfile.TemporaryDirectory(prefix="prometheus-") as folder:

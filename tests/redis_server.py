@@ -7,26 +7,20 @@ into a test module). Without ``redis-server`` the tests that need it are skipped
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
 from loadtest.redis_process import running_redis as start_redis
+from tests.system_binaries import required_binary
 
 MISSING = "redis-server is not installed: `make redis` (apt-get install -y redis-server)"
 
 
 def redis_server_binary() -> str:
     """The path of ``redis-server``; skips the test (fails it under ``RISKCASCADE_REQUIRE_REDIS=1``) without one."""
-    found = shutil.which("redis-server")
-    if found is None:
-        if os.environ.get("RISKCASCADE_REQUIRE_REDIS") == "1":
-            pytest.fail(MISSING)
-        pytest.skip(MISSING)
-    return found
+    return required_binary("redis-server", "RISKCASCADE_REQUIRE_REDIS", MISSING)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ pickle cheaply).
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
@@ -108,6 +109,11 @@ class StageTiming:
 
 EVENT_TYPE_ATTRIBUTE = "event_type"  # the categorical attribute every event carries
 REASONER_FALLBACK_CODE = "REASONER_FALLBACK"  # reason code of a reasoner verdict that fell back to review
+
+
+def reasoner_fell_back(reasons: Iterable[ReasonCode]) -> bool:
+    """The reasoner fell back to review (its backend failed or ran out of time) instead of reasoning."""
+    return any(r.code == REASONER_FALLBACK_CODE for r in reasons)
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,16 @@ class BinnedColumn:
 
     def bin_of(self, values: np.ndarray) -> np.ndarray:
         """The bin of each value (int64): values equal to an edge fall in the bin above it; NaN in the last."""
-        values = np.asarray(values, dtype=np.float64)
-        bins = np.searchsorted(np.asarray(self.edges, dtype=np.float64), values, side="right")
-        bins[np.isnan(values)] = self.n_bins - 1
-        return bins
+        values = np.asarray(values, dtype=np.float64)[:, None]
+        return _bins(values, np.asarray(self.edges, dtype=np.float64)[None, :], np.array([self.n_bins - 1]))[:, 0]
+
+
+def _bins(values: np.ndarray, edges: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Bins of ``values`` [n, k], column j against its inner edges ``edges[j]`` (padded with +inf) and its missing
+    bin ``missing[j]``: the count of edges at or below the value, so a value equal to an edge falls in the bin
+    above it; NaN in the missing bin. The one binning rule of the reference and of the live window."""
+    bins = (values[:, :, None] >= edges[None, :, :]).sum(axis=2)
+    return np.where(np.isnan(values), missing[None, :], bins)
 
 
 def psi(reference_shares: np.ndarray, live_counts: np.ndarray, floor: float) -> float:
@@ -153,9 +159,7 @@ class DriftWindow:
         if n == 0:
             return
         values = np.column_stack([np.asarray(matrix, dtype=np.float64), np.asarray(scores, dtype=np.float64)])
-        # same bins as BinnedColumn.bin_of: a value equal to an edge counts as above it; NaN in the missing bin
-        new = (values[:, :, None] >= self._edges[None, :, :]).sum(axis=2)
-        new = np.where(np.isnan(values), self._missing[None, :], new)
+        new = _bins(values, self._edges, self._missing)
         slots = (self._next + np.arange(n)) % self.size
         filled = slots < self.seen  # slots that hold an older event, which leaves the window
         if filled.any():

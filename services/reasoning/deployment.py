@@ -9,7 +9,7 @@ from ray import serve
 from ray.serve import metrics
 
 from riskcascade.core.config import Settings, settings_from_wire
-from riskcascade.core.domain import REASONER_FALLBACK_CODE, AdjudicatedCase, ReasonerVerdict, ReasoningRequest
+from riskcascade.core.domain import AdjudicatedCase, ReasonerVerdict, ReasoningRequest, reasoner_fell_back
 from riskcascade.core.telemetry import configure_tracing, inject_context, span
 from services.reasoning.service import ReasoningService, open_reasoning_service
 
@@ -36,9 +36,8 @@ class Reasoner:
         with span("reasoner.reason", carrier=request.trace_carrier, request_id=event.request_id) as current:
             started = time.perf_counter()
             verdict = await self._service.review(request, inject_context())
-            fell_back = any(r.code == REASONER_FALLBACK_CODE for r in verdict.reasons)
             self._reviews.inc(tags={"action": verdict.action.value, "backend": verdict.backend,
-                                    "fallback": str(fell_back).lower()})
+                                    "fallback": str(reasoner_fell_back(verdict.reasons)).lower()})
             self._review_seconds.observe(time.perf_counter() - started)
             current.set_attribute("reasoner.action", verdict.action.value)
             current.set_attribute("reasoner.backend", verdict.backend)
