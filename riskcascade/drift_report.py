@@ -24,6 +24,7 @@ import numpy as np
 from riskcascade.core.config import Settings
 from riskcascade.core.drift import DriftReference, DriftWindow
 from riskcascade.core.model_card import load_model_card
+from riskcascade.core.policy import escalation_policy
 
 STABLE, MODERATE, SHIFTED = "stable", "moderate", "shifted"
 
@@ -80,7 +81,8 @@ def run_drift_report(settings: Settings, out_dir: Path, events_file: Path | None
     columns = [ColumnDrift(name, value, status_of(value, cfg.psi_warn, cfg.psi_alert))
                for name, value in window.feature_psi(cfg.psi_floor).items()]
     score_psi = window.score_psi(cfg.psi_floor)
-    band_low, band_high = card.thresholds.band_low, card.thresholds.band_high
+    band = escalation_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high)
+    band_low, band_high = band.band_low, band.band_high  # as the platform routes: config edges win over the card's
     escalated = float(np.mean((scores >= band_low) & (scores < band_high)))
     times = sorted(e.occurred_at for e in live)
     report = {

@@ -126,3 +126,15 @@ def test_drift_report_flags_a_shifted_population_and_not_the_held_out_one(platfo
     assert reports["shifted"]["n_events"] == len(events) and reports["shifted"]["from"] <= reports["shifted"]["to"]
     assert 0.0 <= reports["held-out"]["escalation_share"]["live"] <= 1.0
     assert runner.invoke(main, ["drift", "--config", str(platform.config_path)]).exit_code != 0  # say which events
+
+    # the band the platform routes by: configured edges win over the model card's
+    import yaml
+
+    config = yaml.safe_load(platform.config_path.read_text())
+    config["escalation"] = {**config.get("escalation", {}), "band_low": 0.0, "band_high": 1.0}
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "wide"
+    result = runner.invoke(main, ["drift", "--config", str(tmp_path / "wide.yaml"), "--split", "test", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    wide = json.loads((out / "drift.json").read_text())["escalation_share"]
+    assert wide["band"] == [0.0, 1.0] and wide["live"] == 1.0
