@@ -367,7 +367,9 @@ def test_add_case_and_reviews_do_not_block_the_event_loop(backend, tmp_path, sce
     writes and reviews wait in threads and the event loop keeps running; then all of them complete."""
     base = [c for c in scene.stored if c.case_id not in {t.case_id for t in scene.twins}][:100]
     service = serving(settings_for(backend, tmp_path), encoder, embedder, base)
-    hold_s = 1.0
+    # a blocked loop stops for the whole hold; a free one on a loaded 2-core box was seen to pause 0.52 s (the
+    # writes' threads take the GIL), so the limit of hold_s / 2 keeps almost 4x headroom over that
+    hold_s = 4.0
     feedback = [replace(c, case_id=f"feedback-{i}") for i, c in enumerate(scene.twins)]
 
     async def busy_engine():
