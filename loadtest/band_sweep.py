@@ -56,6 +56,7 @@ from loadtest.cost import (
     read_platform_cpu_ms_per_decision,
 )
 from riskcascade.core.config import PricingSettings
+from riskcascade.core.model_registry import live_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "loadtest" / "results"
@@ -198,15 +199,16 @@ def measure(settings, n_events: int, progress: bool = True) -> Measurement:
     from services.scorer.fast_model import FastModel
 
     parts = read_split_events(settings.data.dir)
-    model = FastModel(settings.model.dir, threads=settings.model.onnx_threads,
+    model_dir = live_model_dir(settings.model.dir)
+    model = FastModel(model_dir, threads=settings.model.onnx_threads,
                       reason_count=settings.model.reason_count, prefer_gpu=False)
-    x_valid = model.model_input(time_true_inputs(settings.model.dir, parts, "valid"))
+    x_valid = model.model_input(time_true_inputs(model_dir, parts, "valid"))
     started = time.process_time()
     batch = settings.evaluation.scoring_batch_size  # validation scoring only (band edges)
     validation = np.array([s.score for s in offline_scores(model, x_valid, batch)])
     model_cpu_batched = (time.process_time() - started) / len(x_valid)
     started = time.process_time()  # the second replay: numba's kernels are compiled by now
-    x_test = time_true_inputs(settings.model.dir, parts, "test")
+    x_test = time_true_inputs(model_dir, parts, "test")
     state_cpu = (time.process_time() - started) / sum(len(p) for p in parts.values())
     test = parts["test"]
     order = sorted(range(len(test)), key=lambda i: test[i].occurred_at)[:n_events]
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     from riskcascade.core.thresholds import BAND_CENTRE
 
     settings = load_settings(args.config)
-    card = load_model_card(settings.model.dir)
+    card = load_model_card(live_model_dir(settings.model.dir))
     policy = escalation_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high)
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     m = measure(settings, args.events, progress=not args.quiet)

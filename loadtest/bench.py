@@ -87,11 +87,12 @@ def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:
     from google.protobuf import json_format
 
     from loadtest.events import decide_request
+    from orchestrator.platform import serve_config_with_settings
     from riskcascade.core.domain import ScoreRequest
     from riskcascade.core.entity_state import EmbeddedEntityState
     from riskcascade.core.features import FeatureLayout
+    from riskcascade.core.model_registry import live_model_dir
     from riskcascade.modelling.synthetic import read_events_csv
-    from orchestrator.platform import serve_config_with_settings
     from services.scorer.fast_model import FastModel
 
     # scored in the scorer's own batch size (its user_config in deploy/serve.yaml) to pick the clear ones
@@ -101,8 +102,9 @@ def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:
     # The load generator sends each run and pass as a population the platform has not seen (fresh entity ids:
     # loadgen.with_entity_tag), so "clear" is what the scorer's own serving path says of these events, in time
     # order, from an empty entity state: the scores the platform gives them in a load run.
-    layout = FeatureLayout.load(settings.model.dir).state
-    model = FastModel(settings.model.dir, reason_count=0,
+    model_dir = live_model_dir(settings.model.dir)
+    layout = FeatureLayout.load(model_dir).state
+    model = FastModel(model_dir, reason_count=0,
                       state=EmbeddedEntityState(layout) if layout is not None else None)
     low, high = model.info.band_low, model.info.band_high
 

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Protocol
 
 from orchestrator.breaker import CircuitBreaker
+from orchestrator.models import ModelSelection, ServingModel
 from riskcascade.core.domain import (
     Decision,
     EventType,
@@ -34,7 +35,7 @@ from riskcascade.core.domain import (
     StageTiming,
 )
 from riskcascade.core.merge import MergedVerdict, MergeRules, fast_model_failed, merge
-from riskcascade.core.policy import EscalationPolicy, Route
+from riskcascade.core.policy import Route
 from riskcascade.core.telemetry import current_trace_id, span
 
 
@@ -73,21 +74,14 @@ class CallBudget:
         self.escalations_left = escalations
 
 
-@dataclass(frozen=True)
-class CascadeVersions:
-    model_version: str
-    policy_version: str
-    feature_names: tuple[str, ...]
-
-
 class Cascade:
     def __init__(
         self,
         scorer: FastStage,
         reasoner: ReasoningStage,
-        policy: EscalationPolicy,
+        models: ModelSelection,
         rules: MergeRules,
-        versions: CascadeVersions,
+        policy_version: str,
         reserve_ms: float,
         limits: StageLimits,
         scorer_breaker: CircuitBreaker,
@@ -96,9 +90,9 @@ class Cascade:
     ):
         self._scorer = scorer
         self._reasoner = reasoner
-        self._policy = policy
+        self.models = models
         self._rules = rules
-        self._versions = versions
+        self._policy_version = policy_version
         self._reserve_s = reserve_ms / 1000.0
         self._limits = limits
         self.scorer_breaker = scorer_breaker
@@ -106,18 +100,21 @@ class Cascade:
         self.max_escalations_per_call = max_escalations_per_call
         self.escalations_in_flight = 0
 
-    async def decide(self, event: RiskEvent, deadline: float, call: CallBudget | None = None) -> Decision:
+    async def decide(self, event: RiskEvent, deadline: float, call: CallBudget | None = None,
+                     model: ServingModel | None = None) -> Decision:
         """Decide ``event``; ``deadline`` is the caller's deadline on the time.monotonic() clock; ``call`` is the
-        escalation budget of the call it belongs to (a new one per event when None)."""
+        escalation budget of the call it belongs to (a new one per event when None); ``model`` the version the
+        caller validated the event for (default: the live one, read once here)."""
         started = time.monotonic()
+        model = model if model is not None else self.models.live
         call = call if call is not None else CallBudget(self.max_escalations_per_call)
         timings: list[StageTiming] = []
-        missing = tuple(name for name in self._versions.feature_names if name not in event.features)
+        missing = tuple(name for name in model.info.feature_names if name not in event.features)
         fast: FastScore | None = None
         t = time.monotonic()
         try:
             request = ScoreRequest.of(event.request_id, event.event_type, event.entities, event.features,
-                                      occurred_at=event.occurred_at)
+                                      occurred_at=event.occurred_at, model_version=model.version)
             fast = await self._guarded(
                 self.scorer_breaker, "fast model", self._scorer.score, request, self._fast_budget_s(event, deadline)
             )
@@ -126,7 +123,7 @@ class Cascade:
         timings.append(StageTiming("fast_model", _ms_since(t)))
 
         if fast is not None:
-            routing = self._policy.route(
+            routing = model.policy.route(
                 fast.score, (deadline - time.monotonic()) * 1000.0, self.escalations_in_flight,
                 call.escalations_left,
             )
@@ -141,7 +138,7 @@ class Cascade:
             timings.append(StageTiming("merge", _ms_since(t)))
 
         timings.append(StageTiming("cascade_total", _ms_since(started)))
-        return self._decision(event, merged, fast, missing, timings)
+        return self._decision(event, merged, fast, missing, timings, model)
 
     async def _escalate(
         self, event: RiskEvent, fast: FastScore, deadline: float, timings: list[StageTiming]
@@ -198,8 +195,9 @@ class Cascade:
         fast: FastScore | None,
         missing: tuple[str, ...],
         timings: list[StageTiming],
+        model: ServingModel,
     ) -> Decision:
-        policy_version = self._versions.policy_version
+        policy_version = self._policy_version
         if merged.policy_version:
             policy_version = f"{policy_version}+{merged.policy_version}"
         return Decision(
@@ -211,7 +209,7 @@ class Cascade:
             escalated=merged.escalated,
             reasons=merged.reasons,
             evidence=merged.evidence,
-            model_version=fast.model_version if fast else self._versions.model_version,
+            model_version=fast.model_version if fast else model.version,
             policy_version=policy_version,
             timings=tuple(timings),
             trace_id=current_trace_id(),

@@ -99,6 +99,32 @@ def deploy_serve_config(config_dict: dict[str, Any]) -> list[str]:
     return [app.name for app in config.applications]
 
 
+def set_scorer_versions(scorer_app: str, versions: tuple[str, ...]) -> None:
+    """Re-apply the running Serve config with ``model_versions`` set in the scorer's ``user_config``: Serve calls
+    each replica's ``reconfigure`` (a lightweight update, no restart). The other applications are re-applied as
+    deployed, so nothing else changes. Blocking (controller calls): run it in a thread."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
+
+    client = _get_global_client()
+    details = ServeInstanceDetails(**client.get_serve_details())
+    applications = []
+    for name, app in details.applications.items():
+        config = app.deployed_app_config
+        if config is None:
+            raise PlatformError(f"Serve application {name} was not deployed from a config: cannot update it")
+        if name == scorer_app:
+            if not config.deployments:
+                raise PlatformError(f"the {name} application's config lists no deployment to set user_config on")
+            for deployment in config.deployments:
+                deployment.user_config = {**(deployment.user_config or {}), "model_versions": list(versions)}
+        applications.append(config)
+    client.deploy_apps(ServeDeploySchema(
+        proxy_location=details.proxy_location, http_options=details.http_options,
+        grpc_options=details.grpc_options, applications=applications,
+    ))
+
+
 async def wait_running(apps: list[str], timeout_s: float, poll_s: float) -> None:
     from ray import serve
 
@@ -129,17 +155,19 @@ async def run_platform(settings: Settings) -> None:
     from ray import serve  # noqa: F401 - imported after the environment is set
 
     from orchestrator.breaker import CircuitBreaker
-    from orchestrator.cascade import Cascade, CascadeVersions, StageLimits
+    from orchestrator.cascade import Cascade, StageLimits
     from orchestrator.feedback import FeedbackFanout
     from orchestrator.health import StageHealth
     from orchestrator.metrics import GatewayMetrics
+    from orchestrator.model_service import ModelServicer
+    from orchestrator.models import ModelSelection, ModelSwitcher, ServingModel
     from orchestrator.server import DecisionServer
     from orchestrator.servicer import DecisionServicer
     from orchestrator.stages import ServeReasonerStage, ServeScorerStage
     from orchestrator.store import DecisionStore
     from risk.v1 import decision_pb2 as pb
     from riskcascade.core.merge import MergeRules
-    from riskcascade.core.policy import escalation_policy
+    from riskcascade.core.model_registry import ModelRegistry
     from riskcascade.core.telemetry import configure_tracing, shutdown_tracing
 
     configure_tracing(settings.tracing, "orchestrator")
@@ -163,7 +191,8 @@ async def run_platform(settings: Settings) -> None:
         info = await scorer.info(settings.ray.scorer_info_timeout_s)
         esc = settings.escalation
         res = settings.resilience
-        policy = escalation_policy(esc, info.band_low, info.band_high)
+        selection = ModelSelection(ServingModel.of(info, esc))
+        policy = selection.live.policy
         stage_health = StageHealth()
 
         def circuit_changed(name: str, state: Any) -> None:
@@ -179,9 +208,9 @@ async def run_platform(settings: Settings) -> None:
         cascade = Cascade(
             scorer,
             reasoner,
-            policy,
+            selection,
             MergeRules.from_settings(settings.merge),
-            CascadeVersions(info.model_version, esc.policy_version, info.feature_names),
+            esc.policy_version,
             settings.server.reserve_ms,
             StageLimits.from_settings(res),
             breakers["fast_model"],
@@ -206,8 +235,25 @@ async def run_platform(settings: Settings) -> None:
         servicer = DecisionServicer(cascade, store, info.feature_names, settings.server, service_info, feedback,
                                     feature_ranges=info.feature_ranges, validation=settings.validation,
                                     metrics=metrics)
+        registry = ModelRegistry(settings.model.dir)
+
+        async def apply_versions(versions: tuple[str, ...]) -> None:
+            await asyncio.to_thread(set_scorer_versions, settings.ray.scorer_app, versions)
+            await wait_running([settings.ray.scorer_app], settings.ray.start_timeout_s,
+                               settings.ray.app_poll_interval_s)
+
+        def switched(_: ServingModel, live: ServingModel) -> None:
+            if metrics is not None:
+                metrics.serving(live.version, esc.policy_version, live.info.provider, live.policy.band_low,
+                                live.policy.band_high, live.info.target_escalation_share,
+                                lambda: servicer.active_decisions)
+            _write_state(settings, server.port, live.info, live.policy, metrics_port)
+
+        switcher = ModelSwitcher(selection, scorer, apply_versions, registry, esc, settings.ray.scorer_info_timeout_s,
+                                 settings.model.switch_probe_calls, on_switch=switched)
         server = await DecisionServer.open(servicer, settings.server.host, settings.server.port, settings.security,
-                                           on_call_end=metrics.observe_rpc if metrics is not None else None)
+                                           on_call_end=metrics.observe_rpc if metrics is not None else None,
+                                           models=ModelServicer(switcher, registry, servicer.service_info))
         metrics_port = None
         if metrics is not None:
             metrics.serving(info.model_version, esc.policy_version, info.provider, policy.band_low, policy.band_high,

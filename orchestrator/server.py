@@ -14,10 +14,11 @@ from grpc_reflection.v1alpha import reflection
 
 from orchestrator.auth import AccessPolicy, AuthInterceptor, RefusalLog, SecurityError
 from orchestrator.interceptors import CallObserver, service_interceptors
-from risk.v1 import decision_pb2, decision_pb2_grpc
+from risk.v1 import decision_pb2, decision_pb2_grpc, model_pb2, model_pb2_grpc
 from riskcascade.core.config import SecuritySettings
 
 SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
+MODEL_SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class DecisionServer:
         security: SecuritySettings,
         material: ServerMaterial,
         on_call_end: CallObserver | None = None,
+        models: model_pb2_grpc.ModelServiceServicer | None = None,
     ):
         if problem := security.exposure_problem(host):
             raise SecurityError(problem)
@@ -70,10 +72,14 @@ class DecisionServer:
         )
         self._server = grpc.aio.server(interceptors=[*auth, *service_interceptors(on_call_end)])
         decision_pb2_grpc.add_DecisionServiceServicer_to_server(servicer, self._server)
+        services = [SERVICE_NAME]
+        if models is not None:  # operators' model control (admin role)
+            model_pb2_grpc.add_ModelServiceServicer_to_server(models, self._server)
+            services.append(MODEL_SERVICE_NAME)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
         address = f"{host}:{port}"
@@ -87,11 +93,11 @@ class DecisionServer:
     @classmethod
     async def open(
         cls, servicer: decision_pb2_grpc.DecisionServiceServicer, host: str, port: int, security: SecuritySettings,
-        on_call_end: CallObserver | None = None,
+        on_call_end: CallObserver | None = None, models: model_pb2_grpc.ModelServiceServicer | None = None,
     ) -> "DecisionServer":
         """Read the TLS and token files off the event loop, then build the server (not started yet)."""
         material = await asyncio.to_thread(ServerMaterial.load, security)
-        return cls(servicer, host, port, security, material, on_call_end)
+        return cls(servicer, host, port, security, material, on_call_end, models)
 
     async def start(self) -> None:
         await self._server.start()

@@ -34,6 +34,7 @@ from orchestrator.convert import decision_to_proto
 from orchestrator.errors import ApiError, api_error, grpc_status
 from orchestrator.feedback import FeedbackFanout
 from orchestrator.metrics import GatewayMetrics
+from orchestrator.models import ServingModel
 from orchestrator.store import (
     DecisionRecord,
     DecisionStore,
@@ -210,7 +211,20 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     async def GetServiceInfo(
         self, request: pb.GetServiceInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServiceInfo:
-        return self._info
+        return self.service_info()
+
+    def service_info(self) -> pb.ServiceInfo:
+        """The service as it runs now (a model switch changes the version, band and features)."""
+        info = pb.ServiceInfo()
+        info.CopyFrom(self._info)
+        if self._cascade is not None:  # the live version's, which a switch changes
+            live = self._cascade.models.live
+            info.model_version = live.version
+            info.band_low, info.band_high = live.policy.band_low, live.policy.band_high
+            info.scorer_provider, info.scorer_provider_detail = live.info.provider, live.info.provider_detail
+            info.ClearField("feature_names")
+            info.feature_names.extend(live.info.feature_names)
+        return info
 
     async def _fan_out(self, feedback: FeedbackRecord) -> None:
         """Apply persisted feedback to the entity state and the case memory (again on a retry: both idempotent)."""
@@ -277,7 +291,11 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     async def _decide(
         self, request: pb.DecideRequest, deadline: float, prefix: str = "", call: CallBudget | None = None
     ) -> pb.Decision:
-        event = to_risk_event(request, self._features, prefix, ranges=self._ranges, limits=self._validation)
+        # the version this decision is validated, scored and routed for: picked once (a switch may land meanwhile)
+        model = self._cascade.models.live if self._cascade is not None else None
+        known, ranges = (model.feature_names, model.feature_ranges) if model is not None else (self._features,
+                                                                                                  self._ranges)
+        event = to_risk_event(request, known, prefix, ranges=ranges, limits=self._validation)
         request_fingerprint = fingerprint(request)
         recorded_event = pb.Event()
         recorded_event.CopyFrom(request.event)
@@ -302,7 +320,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             # degraded under a shorter deadline than ours: decide again (loop: someone else may have started)
 
         task = asyncio.get_running_loop().create_task(
-            self._decide_and_store(event, request_fingerprint, recorded_event, deadline, call),
+            self._decide_and_store(event, request_fingerprint, recorded_event, deadline, call, model),
             name=f"decide:{request_id}",
         )
         flight = _Flight(task, deadline)
@@ -329,9 +347,10 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         recorded_event: pb.Event,
         deadline: float,
         call: CallBudget | None,
+        model: ServingModel | None = None,
     ) -> tuple[pb.Decision, DecisionRecord, bool]:
         """Decide and persist one request; runs as its own task, so no caller's cancellation stops it."""
-        decision = await self._cascade.decide(event, deadline, call)
+        decision = await self._cascade.decide(event, deadline, call, model)
         message = decision_to_proto(decision)
         record = DecisionRecord(
             request_id=decision.request_id,

@@ -71,8 +71,9 @@ class ServeScorerStage:
             first = dataclasses.replace(requests[0], trace_carrier=inject_context())
             return await _call("fast model", self._handle.score_many, [first, *requests[1:]], timeout_s)
 
-    async def info(self, timeout_s: float) -> ScorerInfo:
-        return await asyncio.wait_for(self._handle.info.remote(), timeout=timeout_s)
+    async def info(self, timeout_s: float, version: str | None = None) -> ScorerInfo:
+        """The scorer's description of ``version`` (default: the one it serves requests naming none)."""
+        return await asyncio.wait_for(self._handle.info.remote(version), timeout=timeout_s)
 
     async def ping(self, timeout_s: float) -> bool:
         return await _call("fast model ping", self._handle.ping, None, timeout_s)

@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from riskcascade.core.config import ConfigError, Settings, load_settings
+from riskcascade.core.model_registry import ModelRegistry, UnknownModelVersion, live_model_dir
 
 INDEX_MANIFEST = "index-manifest.json"
 
@@ -113,6 +114,68 @@ def drift(config: str | None, events_file: str | None, split: str | None, out_di
     click.echo(f"{report['n_events']:,} events: score PSI {report['score']['psi']:.3f} ({report['score']['status']}), "
                f"{len(moved)} of {len(report['features'])} inputs moved, escalation share "
                f"{report['escalation_share']['live']:.1%}; report in {out_dir}/drift.md")
+
+
+@main.command()
+@config_option
+@click.option("--model", "version", default=None,
+              help="the candidate model version in the registry (`riskcascade model list`)")
+@click.option("--model-dir", "model_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="the candidate model folder  [default: the live version of model.dir]")
+@click.option("--band-low", type=click.FloatRange(0, 1), default=None,
+              help="candidate band's low edge  [default: escalation.band_low, else the candidate card's]")
+@click.option("--band-high", type=click.FloatRange(0, 1), default=None,
+              help="candidate band's high edge  [default: escalation.band_high, else the candidate card's]")
+@click.option("--since", default=None, help="first event time compared (ISO 8601; UTC if no zone)")
+@click.option("--until", default=None, help="last event time replayed (ISO 8601; UTC if no zone)")
+@click.option("--as-of", "as_of", default=None, help="labels known by this time (ISO 8601)  [default: now]")
+@click.option("--store", "store", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="the decision store to replay  [default: store.sqlite_path]")
+@click.option("--review", is_flag=True,
+              help="review the events only the candidate escalates with the reasoner offline (needs `index`); "
+              "otherwise they count as merge.undecided_action")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/backtest", show_default=True,
+              help="folder for backtest.md and backtest.json")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def backtest(config: str | None, version: str | None, model_dir: str | None, band_low: float | None,
+             band_high: float | None,
+             since: str | None, until: str | None, as_of: str | None, store: str | None, review: bool, out_dir: str,
+             quiet: bool) -> None:
+    """Replay recorded decisions (time order, labels as they arrived) through a candidate model or band and
+    report what would have changed: actions, escalations, fraud caught, false positives, cost per 1,000."""
+    import shlex
+
+    from riskcascade.backtest import BacktestError, parse_time, run_backtest
+
+    times = {}
+    for option, value in (("--since", since), ("--until", until), ("--as-of", as_of)):
+        try:
+            times[option] = parse_time(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
+    settings = _settings(config)
+    if version is not None:
+        if model_dir is not None:
+            raise click.UsageError("give --model or --model-dir, not both")
+        try:
+            model_dir = str(ModelRegistry(settings.model.dir).path(version))
+        except UnknownModelVersion as exc:
+            raise click.ClickException(str(exc)) from None
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    given = [flags[name] + ("" if value is True else f" {shlex.quote(str(value))}")
+             for name, value in ctx.params.items()
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    try:
+        run_backtest(
+            settings, Path(out_dir), model_dir=Path(model_dir) if model_dir else None, band=(band_low, band_high),
+            since=times["--since"], until=times["--until"], as_of=times["--as-of"],
+            store_path=Path(store) if store else None, review=review, progress=not quiet,
+            command=" ".join(["riskcascade backtest", *given]), message=click.echo,
+        )
+    except (BacktestError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"report in {out_dir}/backtest.md")
 
 
 @main.command(name="eval")
@@ -252,7 +315,7 @@ def _cases_to_index(settings: Settings):  # noqa: ANN202 - (cases, BehaviourEnco
     from riskcascade.modelling.synthetic import to_adjudicated_case
 
     try:
-        card = load_model_card(settings.model.dir)
+        card = load_model_card(live_model_dir(settings.model.dir))
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
     # Every split: each case carries the time its label arrived, and retrieval for an event only sees cases whose
@@ -269,7 +332,7 @@ def _seed_state(settings: Settings, progress: bool) -> None:
     from riskcascade.modelling.datasets.synthetic_source import synthetic_dataset
     from riskcascade.modelling.layout_fitting import timeline_of
 
-    layout = FeatureLayout.load(settings.model.dir).state
+    layout = FeatureLayout.load(live_model_dir(settings.model.dir)).state
     if layout is None or not settings.state.seed_from_data:
         return
     state = open_entity_state(settings.state, layout)
@@ -322,11 +385,11 @@ def _index_identity(settings: Settings) -> dict[str, dict[str, str]]:
             location = str(edge_shard_path(r, collection))
         return {"backend": r.backend, "location": location, "collection": collection, "embedder": embedder}
 
-    card = settings.model.dir / CARD_FILE
+    model_dir = live_model_dir(settings.model.dir)
     return {
         "cases": {
             **where(r.collection),
-            "model_version": load_model_card(settings.model.dir).version if card.exists() else "",
+            "model_version": load_model_card(model_dir).version if (model_dir / CARD_FILE).exists() else "",
             "narrative_version": str(NARRATIVE_VERSION),
             "payload_version": str(CASE_PAYLOAD_VERSION),
         },
@@ -402,9 +465,11 @@ def _prepare_data(settings: Settings, progress: bool) -> None:
     try:
         from riskcascade.core.model_card import CARD_FILE
 
-        if not (settings.model.dir / CARD_FILE).exists():
+        if not (live_model_dir(settings.model.dir) / CARD_FILE).exists():
             click.echo(f"no model at {settings.model.dir}: training one (riskcascade train)")
             _train(settings, progress=progress)
+        if adopted := ModelRegistry(settings.model.dir).adopt_flat():
+            click.echo(f"model {adopted} moved into the version registry ({settings.model.dir}/versions)")
         if stale := _stale_index_parts(settings):
             click.echo(
                 f"retrieval index of {' and '.join(stale)} missing or built from another model, embedder or policy "
@@ -498,6 +563,84 @@ def down(config: str | None, timeout: float | None) -> None:
         time.sleep(0.2)
     click.echo(f"riskcascade (pid {pid}) did not stop within {timeout:.0f} s", err=True)
     sys.exit(1)
+
+
+@main.group()
+def model() -> None:
+    """Model versions: list them, switch the one that serves (live, without a restart), roll back."""
+
+
+@model.command(name="list")
+@config_option
+def model_list(config: str | None) -> None:
+    """The published versions, oldest first; * marks the live one."""
+    settings = _settings(config)
+    registry = ModelRegistry(settings.model.dir)
+    versions = registry.versions()
+    if not versions:
+        click.echo(f"no published versions in {registry.versions_dir} (`riskcascade train` publishes one)")
+        return
+    for v in versions:
+        t = v.card.thresholds
+        click.echo(f"{'*' if v.live else ' '} {v.version}  created {v.card.created_at}  band [{t.band_low:.4f}, "
+                   f"{t.band_high:.4f})  test ROC-AUC {v.card.metrics.get('roc_auc', float('nan')):.4f}  "
+                   f"data {v.card.data.get('dataset', '?')}")
+    if previous := registry.previous():
+        click.echo(f"rollback goes to {previous}")
+
+
+@model.command(name="use")
+@config_option
+@click.argument("version", required=False)
+@click.option("--rollback", is_flag=True, help="switch back to the version the live one replaced")
+@click.option("--reason", default="", help="recorded in the registry's history")
+@click.option("--offline", is_flag=True,
+              help="only move the registry's pointer (the next start serves it); refused while the platform runs")
+def model_use(config: str | None, version: str | None, rollback: bool, reason: str, offline: bool) -> None:
+    """Serve VERSION: a running platform switches without a restart (ModelService.UseModel: every scorer replica
+    loads it, then the gateway's band, inputs and validation switch in one step); a stopped one starts on it."""
+    settings = _settings(config)
+    if rollback == bool(version):
+        raise click.UsageError("name a VERSION or give --rollback (not both)")
+    pid = _running_pid(settings)
+    if pid is None:
+        registry = ModelRegistry(settings.model.dir)
+        target = registry.previous() if rollback else version
+        if target is None:
+            raise click.ClickException("no earlier version to roll back to")
+        try:
+            registry.set_live(target, reason or ("rollback" if rollback else "riskcascade model use"))
+        except UnknownModelVersion as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{target} is live: the next `riskcascade up` serves it")
+        return
+    if offline:
+        raise click.ClickException(f"riskcascade is running (pid {pid}): switch it with `riskcascade model use` "
+                                   "(no --offline), or stop it first")
+    _switch_running(settings, version or "", rollback, reason)
+
+
+def _switch_running(settings: Settings, version: str, rollback: bool, reason: str) -> None:
+    import grpc
+
+    from orchestrator.client import ClientSecurityError, open_channel
+    from risk.v1 import model_pb2, model_pb2_grpc
+
+    wait_s = settings.ray.start_timeout_s + settings.ray.scorer_info_timeout_s
+    try:
+        with open_channel(settings) as channel:
+            response = model_pb2_grpc.ModelServiceStub(channel).UseModel(
+                model_pb2.UseModelRequest(version=version, rollback=rollback, reason=reason), timeout=wait_s)
+    except ClientSecurityError as exc:
+        raise click.ClickException(str(exc)) from None
+    except grpc.RpcError as exc:
+        raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+    info = response.info
+    if not response.changed:
+        click.echo(f"{info.model_version} is already live")
+        return
+    click.echo(f"switched {response.previous_version} -> {info.model_version} in {response.switch_ms:.0f} ms: "
+               f"band [{info.band_low:.4f}, {info.band_high:.4f})")
 
 
 if __name__ == "__main__":

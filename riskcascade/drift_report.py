@@ -24,6 +24,7 @@ import numpy as np
 from riskcascade.core.config import Settings
 from riskcascade.core.drift import DriftReference, DriftWindow
 from riskcascade.core.model_card import load_model_card
+from riskcascade.core.model_registry import live_model_dir
 from riskcascade.core.policy import escalation_policy
 
 STABLE, MODERATE, SHIFTED = "stable", "moderate", "shifted"
@@ -52,7 +53,7 @@ def run_drift_report(settings: Settings, out_dir: Path, events_file: Path | None
     from riskcascade.modelling.synthetic import read_events_csv
     from services.scorer.fast_model import FastModel
 
-    model_dir = settings.model.dir
+    model_dir = live_model_dir(settings.model.dir)
     reference = DriftReference.load(model_dir)
     if reference is None:
         raise DriftReportError(f"model at {model_dir} has no drift reference (trained before references were "

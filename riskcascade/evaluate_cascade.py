@@ -34,6 +34,7 @@ from riskcascade.core.config import Settings
 from riskcascade.core.domain import Action, FastScore, ReasonerVerdict, ReasoningRequest, reasoner_fell_back
 from riskcascade.core.merge import MergeRules, merge
 from riskcascade.core.model_card import load_model_card
+from riskcascade.core.model_registry import live_model_dir
 from riskcascade.core.policy import EscalationPolicy, Route, escalation_policy
 from riskcascade.modelling.datasets import read_split_events
 from riskcascade.modelling.synthetic import LabelledEvent, to_risk_event
@@ -96,11 +97,12 @@ def run_cascade_evaluation(
     budget_ms = settings.evaluation.review_budget_ms
     parts = read_split_events(settings.data.dir)
     events = parts[split]
-    card = load_model_card(settings.model.dir)
+    model_dir = live_model_dir(settings.model.dir)
+    card = load_model_card(model_dir)
     band = escalation_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high)
-    model = FastModel(settings.model.dir, threads=settings.model.onnx_threads, reason_count=settings.model.reason_count,
+    model = FastModel(model_dir, threads=settings.model.onnx_threads, reason_count=settings.model.reason_count,
                       prefer_gpu=False)
-    x = time_true_inputs(settings.model.dir, parts, split)
+    x = time_true_inputs(model_dir, parts, split)
     fast = []
     batch = settings.evaluation.scoring_batch_size
     for start in range(0, len(events), batch):

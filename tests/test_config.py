@@ -1,5 +1,6 @@
 """The typed configuration: sources, precedence and errors that name the key."""
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,6 @@ def test_the_scorer_batching_is_set_once_in_the_serve_config_and_a_missing_key_i
 
     replica = FastScorer.func_or_class.__new__(FastScorer.func_or_class)
     with pytest.raises(ValueError, match="batch_wait_timeout_s"):
-        replica.reconfigure({"max_batch_size": 8})
+        asyncio.run(replica.reconfigure({"max_batch_size": 8}))
     with pytest.raises(ValueError, match="max_batch_sise"):
-        replica.reconfigure({"max_batch_sise": 8, "batch_wait_timeout_s": 0.001})
+        asyncio.run(replica.reconfigure({"max_batch_sise": 8, "batch_wait_timeout_s": 0.001}))

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from riskcascade.core.drift import BinnedColumn, DriftReference, DriftWindow, psi
+from riskcascade.core.model_registry import live_model_dir
 
 FLOOR = 1e-4
 
@@ -103,8 +104,8 @@ def test_drift_report_flags_a_shifted_population_and_not_the_held_out_one(platfo
     from riskcascade.cli import main
     from riskcascade.modelling.synthetic import read_events_csv, write_events_csv
 
-    reference = DriftReference.load(platform.workdir / "model")
-    card = json.loads((platform.workdir / "model" / "model.json").read_text())
+    reference = DriftReference.load(live_model_dir(platform.workdir / "model"))
+    card = json.loads((live_model_dir(platform.workdir / "model") / "model.json").read_text())
     assert reference is not None and reference.names == card["model_features"]  # training wrote it
 
     events = read_events_csv(platform.workdir / "data" / "test.csv")

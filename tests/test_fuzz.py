@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loadtest.events import decide_request
 from risk.v1 import decision_pb2 as pb
 from riskcascade.core.config import load_settings
+from riskcascade.core.model_registry import live_model_dir
 from riskcascade.modelling.synthetic import read_events_csv
 
 pytestmark = pytest.mark.slow
@@ -401,7 +402,7 @@ def fire(channel: grpc.Channel, probes: list[Probe]) -> None:
 
 
 def model_ranges(platform) -> dict[str, tuple[float, float]]:
-    card = json.loads((platform.workdir / "model" / "model.json").read_text())
+    card = json.loads((live_model_dir(platform.workdir / "model") / "model.json").read_text())
     return {name: (low, high) for name, (low, high) in card.get("feature_ranges", {}).items()}
 
 

@@ -29,7 +29,7 @@ LAYERS = {
     "services": "services",
     "orchestrator": "orchestrator",
     "risk": "wire",  # the generated protobuf/gRPC modules
-    "riskcascade": "commands",  # riskcascade.cli, riskcascade.evaluate_cascade, riskcascade.dev_secrets
+    "riskcascade": "commands",  # riskcascade.cli, .evaluate_cascade, .backtest, .drift_report, .dev_secrets
     "loadtest": "commands",
 }
 MAY_IMPORT = {
@@ -186,6 +186,7 @@ NOT_SETTINGS = {
     "riskcascade/core/state_redis.py": {"_ID_BYTES": "key format (digest length in a history member)"},
     "riskcascade/core/thresholds.py": {"BAND_CENTRE": "score scale", "SCORE_FLOOR": "score scale",
                                        "SCORE_CEILING": "score scale"},
+    "riskcascade/backtest.py": {"PER_DECISIONS": "unit: costs are reported per 1,000 decisions"},
     "riskcascade/dev_secrets.py": {"PRIVATE_FILE_MODE": "file permission", "PRIVATE_DIR_MODE": "file permission",
                                    "TOKEN_BYTES": "token strength of development material"},
     "riskcascade/modelling/anomaly.py": {"PROBE_ROWS": "self-check at load (compiled vs ONNX)",

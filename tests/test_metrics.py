@@ -29,6 +29,7 @@ from riskcascade.core.domain import (
     Stage,
     StageTiming,
 )
+from riskcascade.core.model_registry import live_model_dir
 from riskcascade.modelling.synthetic import read_events_csv
 from tests.conftest import free_port
 from tests.prometheus_server import prometheus_binary, running_prometheus
@@ -138,8 +139,8 @@ def mixed_events(platform) -> list:  # noqa: ANN001
     from services.scorer.fast_model import FastModel
 
     parts = {name: read_events_csv(platform.workdir / "data" / f"{name}.csv") for name in ("train", "valid", "test")}
-    model = FastModel(platform.workdir / "model", reason_count=0)
-    x = model.model_input(time_true_inputs(platform.workdir / "model", parts, "test")[:1500])
+    model = FastModel(live_model_dir(platform.workdir / "model"), reason_count=0)
+    x = model.model_input(time_true_inputs(live_model_dir(platform.workdir / "model"), parts, "test")[:1500])
     scores = [s.score for s in model.score_matrix(x)]
     low, high = platform.state["band"]
     clear = [e for e, s in zip(parts["test"], scores) if s < low * 0.5]
@@ -197,7 +198,7 @@ def test_prometheus_scrapes_what_the_platform_decided(platform, stub):
             assert reviews is not None and reviews >= sum(d.escalated for d in answers)
 
         # the scorer's drift window: one PSI gauge per model input, and the score's, refreshed as events arrive
-        card = json.loads((platform.workdir / "model" / "model.json").read_text())
+        card = json.loads((live_model_dir(platform.workdir / "model") / "model.json").read_text())
         inputs = prometheus.wait_for("count(count by (feature) (ray_riskcascade_feature_psi))",
                                      lambda v: v >= len(card["model_features"]), RAY_EXPORT_WAIT_S)
         assert inputs == len(card["model_features"])

@@ -13,8 +13,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from loadtest.events import EVENT_TYPES, decide_request
+from loadtest.events import decide_request
 from risk.v1 import decision_pb2 as pb
+from riskcascade.core.model_registry import live_model_dir
 from riskcascade.evaluate_cascade import time_true_inputs
 from riskcascade.modelling.synthetic import LabelledEvent, read_events_csv
 from services.scorer.fast_model import FastModel
@@ -31,9 +32,10 @@ def held_out(platform):
     """Held-out events with their fast scores, computed here with a real ONNX session on the same model."""
     parts = {name: read_events_csv(platform.workdir / "data" / f"{name}.csv") for name in ("train", "valid", "test")}
     events = parts["test"][:1500]
-    model = FastModel(platform.workdir / "model", reason_count=0)
+    model = FastModel(live_model_dir(platform.workdir / "model"), reason_count=0)
     # time-true features by replay: what the platform computes for these events sent at their own time
-    scores = [s.score for s in model.score_matrix(model.model_input(time_true_inputs(platform.workdir / "model", parts, "test")[:1500]))]
+    x = time_true_inputs(live_model_dir(platform.workdir / "model"), parts, "test")[:1500]
+    scores = [s.score for s in model.score_matrix(model.model_input(x))]
     low, high = platform.state["band"]
     clear = [e for e, s in zip(events, scores) if s < low * 0.5]
     blocked = [e for e, s in zip(events, scores) if s >= min(1.0, high + (1 - high) * 0.5)]

@@ -20,6 +20,7 @@ from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc
 from riskcascade.core.entity_state import EntityBook, LabelEvent, StateEvent
 from riskcascade.core.features import FeatureLayout
+from riskcascade.core.model_registry import live_model_dir
 from riskcascade.modelling.synthetic import LabelledEvent, read_events_csv
 from tests.conftest import platform_channel, start_platform, stop_platform, write_platform_config
 from tests.redis_server import redis_server_binary, running_redis
@@ -125,7 +126,7 @@ def test_the_platform_computes_what_training_replays(target, template):
     """Replay parity through the running platform: decisions' entity features == training's replay of the same
     events and label arrivals (fresh entities, so other tests' traffic cannot touch them)."""
     running, stub = target
-    layout = FeatureLayout.load(_model_dir(running)).state
+    layout = FeatureLayout.load(live_model_dir(_model_dir(running))).state
     tag = uuid.uuid4().hex[:10]
     accounts = [f"acct-p{k}-{tag}" for k in range(3)]
     devices, ips = [f"dev-p{k}-{tag}" for k in range(2)], [fresh_ip(), fresh_ip()]

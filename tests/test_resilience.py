@@ -21,15 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from orchestrator.breaker import CircuitBreaker, CircuitState
-from orchestrator.cascade import Cascade, CascadeVersions, StageError, StageLimits
+from orchestrator.cascade import Cascade, StageError, StageLimits
 from orchestrator.errors import RETRY_AFTER_KEY
 from orchestrator.health import SERVICE_NAME, StageHealth
+from orchestrator.models import ModelSelection, ServingModel
 from orchestrator.servicer import DecisionServicer
 from orchestrator.store import DecisionStore
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
 from riskcascade.core.config import MergeSettings, ServerSettings
-from riskcascade.core.domain import Action, EventType, FastScore, ReasonerVerdict
+from riskcascade.core.domain import Action, EventType, FastScore, ReasonerVerdict, ScorerInfo
 from riskcascade.core.merge import MergeRules
 from riskcascade.core.policy import EscalationPolicy
 
@@ -98,9 +99,12 @@ class Gateway:
         }
         self.cascade = Cascade(
             self.scorer, self.reasoner,
-            EscalationPolicy(*BAND, min_reasoner_budget_ms=min_reasoner_ms, max_in_flight=max_in_flight),
+            ModelSelection(ServingModel(
+                ScorerInfo("m-1", tuple(FEATURES), *BAND, "CPUExecutionProvider", "scripted"),
+                EscalationPolicy(*BAND, min_reasoner_budget_ms=min_reasoner_ms, max_in_flight=max_in_flight),
+            )),
             MergeRules.from_settings(MergeSettings()),
-            CascadeVersions("m-1", "p-1", FEATURES),
+            "p-1",
             reserve_ms=20.0,
             limits=limits or StageLimits({t: 0.1 for t in EventType}, 1.0),
             scorer_breaker=self.breakers["fast_model"],

@@ -31,7 +31,7 @@ from orchestrator.auth import AccessPolicy, RefusalLog, SecurityError, token_sha
 from orchestrator.client import channel_credentials, open_aio_channel
 from orchestrator.server import DecisionServer, ServerMaterial
 from risk.v1 import decision_pb2 as pb
-from risk.v1 import decision_pb2_grpc
+from risk.v1 import decision_pb2_grpc, model_pb2, model_pb2_grpc
 from riskcascade.core.config import SecuritySettings, load_settings, settings_from_wire
 from riskcascade.dev_secrets import DevMaterialError, ensure_dev_material
 from tests.conftest import platform_security, platform_settings
@@ -78,7 +78,9 @@ def dev_security(secrets_dir: Path, **overrides) -> SecuritySettings:
 
 @asynccontextmanager
 async def serving(security: SecuritySettings) -> AsyncIterator[str]:
-    server = await DecisionServer.open(EdgeProbe(), "127.0.0.1", 0, security)
+    # ModelService as registered, answering UNIMPLEMENTED: a call that passes the edge's checks says so
+    server = await DecisionServer.open(EdgeProbe(), "127.0.0.1", 0, security,
+                                       models=model_pb2_grpc.ModelServiceServicer())
     await server.start()
     try:
         yield f"127.0.0.1:{server.port}"
@@ -115,7 +117,9 @@ async def method_codes(target: str, credentials: grpc.ChannelCredentials | None)
             "GetDecision": lambda: stub.GetDecision(pb.GetDecisionRequest(), timeout=CALL_TIMEOUT_S),
             "GetServiceInfo": lambda: stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=CALL_TIMEOUT_S),
             "SubmitFeedback": lambda: stub.SubmitFeedback(pb.SubmitFeedbackRequest(), timeout=CALL_TIMEOUT_S),
+            "UseModel": lambda: models.UseModel(model_pb2.UseModelRequest(), timeout=CALL_TIMEOUT_S),
         }
+        models = model_pb2_grpc.ModelServiceStub(channel)
         return {name: await code_of(call()) for name, call in calls.items()}
 
 
@@ -148,11 +152,13 @@ def test_each_role_reaches_its_methods_and_is_denied_the_rest(tmp_path):
             return {name: await method_codes(target, with_token(security, TOKENS[name])) for name in TOKENS}
 
     codes = asyncio.run(scenario())
-    assert codes["admin"] == dict.fromkeys(codes["admin"], OK)
+    # model control is the admin role's alone (admin passes the edge: the probe server has no switcher behind it)
+    assert codes["admin"] == {**dict.fromkeys(codes["admin"], OK), "UseModel": grpc.StatusCode.UNIMPLEMENTED}
     assert codes["decider"] == {"Decide": OK, "DecideBatch": OK, "DecideStream": OK, "GetDecision": OK,
-                                "GetServiceInfo": OK, "SubmitFeedback": DENIED}
+                                "GetServiceInfo": OK, "SubmitFeedback": DENIED, "UseModel": DENIED}
     assert codes["reviewer"] == {"Decide": DENIED, "DecideBatch": DENIED, "DecideStream": DENIED,
-                                 "GetDecision": DENIED, "GetServiceInfo": DENIED, "SubmitFeedback": OK}
+                                 "GetDecision": DENIED, "GetServiceInfo": DENIED, "SubmitFeedback": OK,
+                                 "UseModel": DENIED}
 
 
 def test_missing_or_unknown_token_is_unauthenticated_with_one_log_line_and_no_token_text(tmp_path, caplog):

@@ -26,6 +26,7 @@ from riskcascade.core.features import (  # noqa: E402
     FeatureLayout,  # noqa: E402
 )
 from riskcascade.core.model_card import BOOSTER_FILE, CARD_FILE, ONNX_FILE, load_model_card  # noqa: E402
+from riskcascade.core.model_registry import live_model_dir
 from riskcascade.core.thresholds import band_by_share  # noqa: E402
 from riskcascade.evaluate_cascade import time_true_inputs  # noqa: E402
 from riskcascade.modelling.anomaly import ANOMALY_FEATURE, ANOMALY_FILE  # noqa: E402
@@ -67,8 +68,8 @@ def _parts(settings):
 
 def _valid_matrix(settings, rows=200):
     """Model input of the first valid events, with their time-true entity features (training's replay)."""
-    model = FastModel(settings.model.dir, reason_count=0)
-    return model.model_input(time_true_inputs(settings.model.dir, _parts(settings), "valid")[:rows])
+    model = FastModel(live_model_dir(settings.model.dir), reason_count=0)
+    return model.model_input(time_true_inputs(live_model_dir(settings.model.dir), _parts(settings), "valid")[:rows])
 
 
 def test_served_features_equal_training_replay(trained):
@@ -77,8 +78,8 @@ def test_served_features_equal_training_replay(trained):
     settings, _ = trained
     parts = _parts(settings)
     events = [e for part in parts.values() for e in part]
-    model = FastModel(settings.model.dir, reason_count=0, state=EmbeddedEntityState(
-        FeatureLayout.load(settings.model.dir).state))
+    model = FastModel(live_model_dir(settings.model.dir), reason_count=0, state=EmbeddedEntityState(
+        FeatureLayout.load(live_model_dir(settings.model.dir)).state))
     served: dict[str, np.ndarray] = {}
     timeline = sorted(
         [(e.occurred_at, 1, i) for i, e in enumerate(events)] + [(e.label_known_at, 0, i) for i, e in enumerate(events)]
@@ -104,7 +105,7 @@ def test_served_features_equal_training_replay(trained):
                                                  events[i].label_known_at.timestamp())])
     flush()
     for split, part in parts.items():
-        trained_x = model.model_input(time_true_inputs(settings.model.dir, parts, split))
+        trained_x = model.model_input(time_true_inputs(live_model_dir(settings.model.dir), parts, split))
         served_x = np.stack([served[e.case_id] for e in part])
         assert np.array_equal(trained_x, served_x, equal_nan=True), split
 
@@ -114,9 +115,9 @@ def test_training_writes_data_model_and_a_valid_card(trained):
     for name in SPLIT_FILES.values():
         assert (settings.data.dir / name).exists()
     for name in (ONNX_FILE, ANOMALY_FILE, BOOSTER_FILE, LAYOUT_FILE, CARD_FILE):
-        assert (settings.model.dir / name).exists()
-    assert not (settings.model.dir / GRAPH_FILE).exists()  # time-true: no frozen graph to serve from
-    loaded = load_model_card(settings.model.dir)
+        assert (live_model_dir(settings.model.dir) / name).exists()
+    assert not (live_model_dir(settings.model.dir) / GRAPH_FILE).exists()  # time-true: no frozen graph to serve from
+    loaded = load_model_card(live_model_dir(settings.model.dir))
     assert loaded == card
     assert re.fullmatch(r"lgbm-\d{14}-[0-9a-f]{8}", card.version)
     assert card.feature_names == list(FEATURE_NAMES)  # what callers send
@@ -157,8 +158,9 @@ def test_onnx_matches_lightgbm_including_missing_values(trained):
     settings, card = trained
     assert card.onnx.input == "features" and card.onnx.output == "probabilities"
     assert card.onnx.parity_max_abs_diff <= PARITY_TOLERANCE
-    session = ort.InferenceSession(str(settings.model.dir / ONNX_FILE), providers=["CPUExecutionProvider"])
-    booster = lgb.Booster(model_file=str(settings.model.dir / BOOSTER_FILE))
+    session = ort.InferenceSession(str(live_model_dir(settings.model.dir) / ONNX_FILE),
+                                   providers=["CPUExecutionProvider"])
+    booster = lgb.Booster(model_file=str(live_model_dir(settings.model.dir) / BOOSTER_FILE))
     x = _valid_matrix(settings)
     assert x.shape[1] == len(card.model_features)
     x[::3, ::2] = np.nan  # a third of the rows lose half their features
@@ -170,17 +172,17 @@ def test_onnx_matches_lightgbm_including_missing_values(trained):
 
 def test_parity_check_raises_when_onnx_and_booster_differ(trained):
     settings, _ = trained
-    booster = lgb.Booster(model_file=str(settings.model.dir / BOOSTER_FILE))
+    booster = lgb.Booster(model_file=str(live_model_dir(settings.model.dir) / BOOSTER_FILE))
     fewer_trees = lgb.Booster(model_str=booster.model_to_string(num_iteration=max(1, booster.num_trees() // 2)))
     x = _valid_matrix(settings, rows=900)
-    assert check_onnx_parity(settings.model.dir / ONNX_FILE, booster, x) <= PARITY_TOLERANCE
+    assert check_onnx_parity(live_model_dir(settings.model.dir) / ONNX_FILE, booster, x) <= PARITY_TOLERANCE
     with pytest.raises(RuntimeError, match="ONNX parity check failed: max abs diff"):
-        check_onnx_parity(settings.model.dir / ONNX_FILE, fewer_trees, x)
+        check_onnx_parity(live_model_dir(settings.model.dir) / ONNX_FILE, fewer_trees, x)
 
 
 def test_shipped_thresholds_are_float32_values(trained):
     settings, _ = trained
-    text = (settings.model.dir / BOOSTER_FILE).read_text()
+    text = (live_model_dir(settings.model.dir) / BOOSTER_FILE).read_text()
     thresholds = [float(v) for line in text.splitlines() if line.startswith("threshold=") for v in line[10:].split()]
     assert thresholds and all(float(np.float32(t)) == t for t in thresholds)
 
@@ -206,7 +208,8 @@ def test_same_data_gives_the_same_model(tmp_path, small_synthetic):
         card = train_model(settings, small_synthetic, progress=False)
         versions.append(card.version.rsplit("-", 1)[1])
     assert versions[0] == versions[1]
-    assert (tmp_path / "a" / BOOSTER_FILE).read_text() == (tmp_path / "b" / BOOSTER_FILE).read_text()
+    boosters = [(live_model_dir(tmp_path / run) / BOOSTER_FILE).read_text() for run in ("a", "b")]
+    assert boosters[0] == boosters[1]
 
 
 def test_small_data_is_not_stopped_after_a_few_trees(tmp_path, small_synthetic):
@@ -253,7 +256,7 @@ def test_a_model_on_non_event_links_trains_but_is_refused_by_the_scorer(tmp_path
     card = train_model(settings, dataset, progress=False)
     assert "user.mean.x" in card.model_features and card.metrics["roc_auc"] > 0.6
     with pytest.raises(ValueError, match=r"cannot be served: its links \['user'\] are not event entities"):
-        FastModel(settings.model.dir)
+        FastModel(live_model_dir(settings.model.dir))
 
 
 def test_eval_command_reports_each_fixed_split_with_plots(tmp_path):
@@ -335,8 +338,8 @@ def test_reason_codes_are_attributed_where_they_are_read(trained):
     approved below it get one summary code naming their score, and the scores themselves never change."""
     settings, card = trained
     x = _valid_matrix(settings, rows=400)
-    everything = FastModel(settings.model.dir, reason_count=3, reasons_for="all").score_matrix(x)
-    at_risk = FastModel(settings.model.dir, reason_count=3, reasons_for="at_risk").score_matrix(x)
+    everything = FastModel(live_model_dir(settings.model.dir), reason_count=3, reasons_for="all").score_matrix(x)
+    at_risk = FastModel(live_model_dir(settings.model.dir), reason_count=3, reasons_for="at_risk").score_matrix(x)
     low = card.thresholds.band_low
     below = [i for i, s in enumerate(everything) if s.score < low]
     above = [i for i, s in enumerate(everything) if s.score >= low]
@@ -350,4 +353,4 @@ def test_reason_codes_are_attributed_where_they_are_read(trained):
         assert f"{at_risk[i].score:.3f}" in summary.description and f"{low:.3f}" in summary.description
         assert all(r.code.startswith(("RISK_UP:", "RISK_DOWN:")) for r in everything[i].reasons)
     with pytest.raises(ValueError, match="reasons_for"):
-        FastModel(settings.model.dir, reasons_for="some")
+        FastModel(live_model_dir(settings.model.dir), reasons_for="some")

@@ -129,6 +129,11 @@ class ModelSettings(_Section):
         "most of a row's scoring cost)",
     )
     prefer_gpu: bool = Field(True, description="use onnxruntime's CUDA provider when a probe finds a GPU")
+    switch_probe_calls: int = Field(
+        8, ge=1,
+        description="concurrent describe calls a model switch makes before it switches; each waits until the "
+        "replica it reaches has loaded the version (set it to a few times the scorer's replica count)",
+    )
     reported_state_features: tuple[str, ...] = Field(
         (
             "account_id.n_1h", "account_id.n_24h", "account_id.fraud_known", "account_id.legit_known",
@@ -238,6 +243,12 @@ class EvaluationSettings(_Section):
         description="deadline of each offline review (one case at a time, so no deadline pressure: a review that "
         "still falls back is counted as a fallback, not hidden)",
     )
+
+
+class BacktestSettings(_Section):
+    """Replaying recorded decisions through a candidate model or band (riskcascade/backtest.py)."""
+
+    examples: int = Field(10, ge=0, description="changed decisions the backtest report shows one by one")
 
 
 class StateSettings(_Section):
@@ -693,6 +704,7 @@ class Settings(BaseSettings):
     data: DataSettings = DataSettings()
     training: TrainingSettings = TrainingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    backtest: BacktestSettings = BacktestSettings()
     state: StateSettings = StateSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     resilience: ResilienceSettings = ResilienceSettings()

@@ -126,10 +126,12 @@ class ScoreRequest:
     attributes: dict[str, str] = field(default_factory=dict)  # categorical features, e.g. event_type
     trace_carrier: dict[str, str] = field(default_factory=dict)
     occurred_at: float | None = None  # event time, seconds since the epoch (UTC); None = when it is scored
+    model_version: str = ""  # the model version to score with (the gateway's live one); "" = the scorer's default
 
     @classmethod
     def of(cls, request_id: str, event_type: "EventType", entities: Entities, features: dict[str, float],
-           trace_carrier: dict[str, str] | None = None, occurred_at: datetime | None = None) -> "ScoreRequest":
+           trace_carrier: dict[str, str] | None = None, occurred_at: datetime | None = None,
+           model_version: str = "") -> "ScoreRequest":
         return cls(
             request_id=request_id,
             features=features,
@@ -137,6 +139,7 @@ class ScoreRequest:
             attributes={EVENT_TYPE_ATTRIBUTE: event_type.value},
             trace_carrier=trace_carrier or {},
             occurred_at=occurred_at.timestamp() if occurred_at is not None else None,
+            model_version=model_version,
         )
 
 

@@ -61,6 +61,7 @@ from riskcascade.core.model_card import (  # noqa: E402
     Thresholds,
     write_model_card,
 )
+from riskcascade.core.model_registry import ModelRegistry  # noqa: E402
 from riskcascade.core.thresholds import BandCosts, assess_band, band_by_cost, band_by_share  # noqa: E402
 from riskcascade.modelling.anomaly import (  # noqa: E402
     ANOMALY_DESCRIPTION,
@@ -518,10 +519,14 @@ def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any],
     return card
 
 
-def train_model(settings: Settings, dataset: Dataset, progress: bool = True, data: dict[str, Any] | None = None
-                ) -> ModelCard:
-    """Train on the data set's first split (or a stratified one) and write the model into ``settings.model.dir``."""
+def train_model(settings: Settings, dataset: Dataset, progress: bool = True, data: dict[str, Any] | None = None,
+                make_live: bool | None = None) -> ModelCard:
+    """Train on the data set's first split (or a stratified one) and publish the model as a new version in the
+    registry at ``settings.model.dir`` (its own folder, renamed into place whole; the live one is never touched).
+    ``make_live``: point the registry at it (None: only when no version is live yet)."""
     split = split_of(dataset, 0, settings.training, settings.data.seed)
     model = fit_fast_model(dataset, split, settings.training, settings.data.seed, progress=progress,
                            state=settings.state, drift_bins=settings.drift.bins)
-    return write_model(model, settings.model.dir, data or {}, settings.validation.feature_range_margin)
+    return ModelRegistry(settings.model.dir).publish(
+        lambda folder: write_model(model, folder, data or {}, settings.validation.feature_range_margin), make_live
+    )

@@ -17,6 +17,7 @@ from retrieval.policy_library import PolicyLibrary, open_policy_library
 from riskcascade.core.config import Settings
 from riskcascade.core.domain import AdjudicatedCase, Outcome, ReasonerVerdict, ReasoningRequest
 from riskcascade.core.model_card import load_model_card
+from riskcascade.core.model_registry import live_model_dir
 from services.reasoning.agents import PolicyAgent, SimilarCaseAgent, StructuredDataAgent
 from services.reasoning.llm import make_llm
 from services.reasoning.workflow import CaseReviewConfig, CaseReviewWorkflow
@@ -83,7 +84,7 @@ def open_reasoning_service(config: Settings, read_only: bool = True) -> Reasonin
     missing one is an error (build it with the ``index`` command), not an empty index to create.
     """
     r = config.retrieval
-    encoder = BehaviourEncoder.from_model_card(load_model_card(config.model.dir))
+    encoder = BehaviourEncoder.from_model_card(load_model_card(live_model_dir(config.model.dir)))
     memory = open_case_memory(r, encoder, read_only=read_only)
     try:
         library = open_policy_library(r, read_only=True, embedder=memory.embedder)

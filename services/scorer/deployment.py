@@ -9,11 +9,16 @@ at once instead of waiting out the batch window alone (see ArrivalGate). Batch s
 Scoring reads and folds the live entity state (SQLite log or Redis) and runs the model: that work goes to one
 worker thread, never the replica's event loop, and one thread keeps the state's folds in arrival order.
 Labels (``record_labels``, sent by the orchestrator when feedback arrives) go through the same thread.
+
+Model versions (services/scorer/versions.py): a replica keeps the versions ``user_config.model_versions`` lists
+(the orchestrator sets them when it switches), all on its one entity state; a request names the version to score
+with (the gateway's live one), and ``info(version)`` describes one once it is loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,10 +30,14 @@ from ray.serve import metrics
 from riskcascade.core.config import MetricsSettings, settings_from_wire
 from riskcascade.core.domain import FastScore, LabelRecord, ScoreRequest, ScorerInfo
 from riskcascade.core.entity_state import LabelEvent
+from riskcascade.core.model_registry import ModelRegistry
 from riskcascade.core.state_backends import open_entity_state
 from riskcascade.core.telemetry import configure_tracing, span
 from services.scorer.arrivals import ArrivalGate
 from services.scorer.fast_model import FastModel
+from services.scorer.versions import ModelShelf
+
+log = logging.getLogger(__name__)
 
 
 class ScorerMetrics:
@@ -83,6 +92,10 @@ class ScorerUserConfig(BaseModel):
 
     max_batch_size: int = Field(ge=1, description="most concurrent single-event calls scored in one ONNX run")
     batch_wait_timeout_s: float = Field(ge=0, description="longest a single-event call waits for others to join it")
+    model_versions: tuple[str, ...] = Field(
+        (), description="model versions every replica keeps loaded (the orchestrator sets them when it switches: "
+        "the live one first, then the one it replaces); empty = the registry's live version (model.dir/live.json)",
+    )
 
 
 @serve.deployment(name="FastScorer")
@@ -90,16 +103,19 @@ class FastScorer:
     def __init__(self, settings: dict[str, Any]):
         config = settings_from_wire(settings)
         configure_tracing(config.tracing, "scorer")
-        self._model = FastModel(
-            config.model.dir,
+        registry = ModelRegistry(config.model.dir)
+        self._state = open_model_state(config)
+        self._shelf = ModelShelf(registry, lambda folder: FastModel(
+            folder,
             threads=config.model.onnx_threads,
             reason_count=config.model.reason_count,
             prefer_gpu=config.model.prefer_gpu,
-            state=open_model_state(config),
+            state=self._state,
             reported_state_features=config.model.reported_state_features,
             reasons_for=config.model.reasons_for,
             drift_window=config.drift.window_events if config.drift.enabled else 0,
-        )
+        ))
+        self._loading: asyncio.Task[None] | None = None  # a reconfigure's model load, in the background
         self._arrivals = ArrivalGate()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self._batching: ScorerUserConfig | None = None  # set by reconfigure, from deploy/serve.yaml
@@ -107,11 +123,17 @@ class FastScorer:
         self._drift = config.drift
         self._drift_exported_at = 0  # window events seen at the last export
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batching from deploy/serve.yaml; the model versions to keep loaded. Loading takes seconds and Serve
+        routes no request to a replica until its reconfigure returns, so the load runs in the background while
+        the loaded versions go on scoring; ``info(version)`` waits for it (the orchestrator's switch asks)."""
         try:
             config = ScorerUserConfig.model_validate(user_config)
         except ValidationError as exc:
             raise ValueError(f"FastScorer user_config (deploy/serve.yaml): {exc}") from None
+        if config.model_versions and config.model_versions != self._shelf.loaded:
+            self._loading = asyncio.create_task(asyncio.to_thread(self._shelf.keep, config.model_versions))
+            self._loading.add_done_callback(_log_failed_load)
         self._score_batched.set_max_batch_size(config.max_batch_size)
         self._score_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self._batching = config
@@ -143,15 +165,21 @@ class FastScorer:
     async def record_labels(self, labels: list[LabelRecord]) -> int:
         """Fold adjudicated outcomes into the entity state from their arrival; returns how many found their
         event (0 for a model without entity state)."""
-        state = self._model.state
+        state = self._state
         if state is None:
             return 0
         events = [LabelEvent(r.request_id, r.fraud, r.known_at.timestamp()) for r in labels]
         with span("scorer.record_labels", labels=len(events)):
             return await self._run(state.apply_labels, events)
 
-    async def info(self) -> ScorerInfo:
-        return self._model.info
+    async def info(self, version: str | None = None) -> ScorerInfo:
+        """The model of ``version`` (default: the one that answers requests naming none), loaded if need be."""
+        if version and version not in self._shelf.loaded:
+            return (await asyncio.to_thread(self._shelf.model, version)).info
+        return self._shelf.model(version).info
+
+    async def loaded_versions(self) -> tuple[str, ...]:
+        return self._shelf.loaded
 
     async def ping(self, _: object = None) -> bool:
         """Liveness for the orchestrator's stage probe: answered on the replica's loop, no model work."""
@@ -159,12 +187,13 @@ class FastScorer:
 
     async def _score(self, call: str, requests: list[ScoreRequest]) -> list[FastScore]:
         started = time.perf_counter()
-        scores = await self._run(self._model.score_batch, requests)
+        scores = await self._run(self._shelf.score, requests)
         self._metrics.scored(call, len(requests), time.perf_counter() - started)
-        window = self._model.drift
+        model = self._shelf.model()  # the drift of the version that answers by default
+        window = model.drift
         if window is not None and window.seen - self._drift_exported_at >= self._drift.export_every_events:
             self._drift_exported_at = window.seen
-            snapshot = await self._run(self._model.drift_snapshot, self._drift.psi_floor)
+            snapshot = await self._run(model.drift_snapshot, self._drift.psi_floor)
             self._metrics.drift(*snapshot, self._drift.psi_warn, self._drift.psi_alert)
         return scores
 
@@ -172,14 +201,19 @@ class FastScorer:
         return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
 
     def __del__(self) -> None:
-        model = getattr(self, "_model", None)
-        if model is not None and model.state is not None:
-            model.state.close()
+        state = getattr(self, "_state", None)
+        if state is not None:
+            state.close()
+
+
+def _log_failed_load(task: "asyncio.Task[None]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("loading model versions failed: %s", task.exception())
 
 
 def open_model_state(config: Any) -> Any:
-    """The live entity state for the model in ``config.model.dir`` (None when the model has none)."""
+    """The live entity state for the live model of ``config.model.dir`` (None when the model has none)."""
     from riskcascade.core.features import FeatureLayout
 
-    layout = FeatureLayout.load(config.model.dir).state
+    layout = FeatureLayout.load(ModelRegistry(config.model.dir).live_dir()).state
     return open_entity_state(config.state, layout) if layout is not None else None
