@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Protocol
 
 from orchestrator.breaker import CircuitBreaker
-from orchestrator.models import ModelSelection, ServingModel
+from orchestrator.models import ModelSelection, ServingModel, Shadow
 from riskcascade.core.domain import (
     Decision,
     EventType,
@@ -32,10 +32,12 @@ from riskcascade.core.domain import (
     ReasoningRequest,
     RiskEvent,
     ScoreRequest,
+    ShadowDecision,
     StageTiming,
 )
 from riskcascade.core.merge import MergedVerdict, MergeRules, fast_model_failed, merge
 from riskcascade.core.policy import Route
+from riskcascade.core.shadow import shadow_decision
 from riskcascade.core.telemetry import current_trace_id, span
 
 
@@ -107,6 +109,7 @@ class Cascade:
         caller validated the event for (default: the live one, read once here)."""
         started = time.monotonic()
         model = model if model is not None else self.models.live
+        shadow = self.models.shadow  # read once too: a shadow set or ended meanwhile does not half apply
         call = call if call is not None else CallBudget(self.max_escalations_per_call)
         timings: list[StageTiming] = []
         missing = tuple(name for name in model.info.feature_names if name not in event.features)
@@ -114,7 +117,8 @@ class Cascade:
         t = time.monotonic()
         try:
             request = ScoreRequest.of(event.request_id, event.event_type, event.entities, event.features,
-                                      occurred_at=event.occurred_at, model_version=model.version)
+                                      occurred_at=event.occurred_at, model_version=model.version,
+                                      shadow_version=shadow.model.version if shadow is not None else "")
             fast = await self._guarded(
                 self.scorer_breaker, "fast model", self._scorer.score, request, self._fast_budget_s(event, deadline)
             )
@@ -138,7 +142,23 @@ class Cascade:
             timings.append(StageTiming("merge", _ms_since(t)))
 
         timings.append(StageTiming("cascade_total", _ms_since(started)))
-        return self._decision(event, merged, fast, missing, timings, model)
+        decision = self._decision(event, merged, fast, missing, timings, model)
+        if shadow is not None and fast is not None:
+            decision = replace(decision, shadow=self._shadow(shadow, model, fast, merged))
+        return decision
+
+    def _shadow(self, shadow: Shadow, model: ServingModel, fast: FastScore, live: MergedVerdict
+                ) -> ShadowDecision | None:
+        """The candidate's decision on the score its version gave (the live score when it is the live version);
+        None when the scorer did not score it (a shadow set while the call was out)."""
+        if shadow.model.version == model.version:
+            score = fast.score
+        elif fast.shadow_version == shadow.model.version and fast.shadow_score is not None:
+            score = fast.shadow_score
+        else:
+            return None
+        return shadow_decision(shadow.model.version, shadow.policy_version, score, shadow.model.policy,
+                               live.escalated, live.action, self._rules.undecided_action)
 
     async def _escalate(
         self, event: RiskEvent, fast: FastScore, deadline: float, timings: list[StageTiming]

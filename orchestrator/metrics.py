@@ -93,7 +93,14 @@ class GatewayMetrics:
             "riskcascade_fallbacks", "Decisions where a stage failed and a fallback answered, by that stage",
             ["stage"], registry=r,
         )
+        self.shadow = Counter(
+            "riskcascade_shadow_decisions", "Live decisions with a shadow candidate's, by the live and the candidate's "
+            "action (riskcascade model shadow)", ["live_action", "shadow_action"], registry=r,
+        )
         # Known label values start at 0, so rate() and `> 0` alerts see a series before its first event.
+        for live in Action:
+            for candidate in Action:
+                self.shadow.labels(live.value, candidate.value)
         for stage in ("fast_model", "reasoner"):
             self.circuit_state.labels(stage).set(0)
             self.fallbacks.labels(stage)
@@ -125,6 +132,8 @@ class GatewayMetrics:
         ).inc()
         if decision.escalated:
             self.escalations.labels(decision.event_type.value).inc()
+        if decision.shadow is not None:
+            self.shadow.labels(decision.action.value, decision.shadow.action.value).inc()
         cause = decision.degraded_cause
         if cause is DegradedCause.FAST_MODEL_FAILED:
             self.fallbacks.labels("fast_model").inc()

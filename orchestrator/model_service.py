@@ -25,8 +25,9 @@ log = logging.getLogger("riskcascade.models")
 
 class ModelServicer(model_pb2_grpc.ModelServiceServicer):
     def __init__(self, switcher: ModelSwitcher, registry: ModelRegistry,
-                 service_info: Callable[[], decision_pb2.ServiceInfo]):
+                 service_info: Callable[[], decision_pb2.ServiceInfo], policy_version: str):
         self._switcher = switcher
+        self._policy_version = policy_version
         self._registry = registry
         self._service_info = service_info
 
@@ -77,3 +78,33 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
             previous_version=result.previous.version, changed=result.changed, info=self._service_info(),
             switch_ms=(time.monotonic() - started) * 1000.0,
         )
+
+    async def SetShadow(self, request: model_pb2.SetShadowRequest, context: grpc.aio.ServicerContext
+                        ) -> model_pb2.SetShadowResponse:
+        try:
+            if request.off:
+                await self._switcher.shadow_off()
+                return model_pb2.SetShadowResponse(on=False)
+            band = (request.band_low if request.HasField("band_low") else None,
+                    request.band_high if request.HasField("band_high") else None)
+            for name, edge in zip(("band_low", "band_high"), band):
+                if edge is not None and not 0.0 <= edge <= 1.0:
+                    raise InvalidField(name, "must be within [0, 1]")
+            version = validate_id(request.version, "version") if request.version else None
+            policy = (validate_id(request.policy_version, "policy_version") if request.policy_version
+                      else f"{self._policy_version}+shadow")
+            shadow = await asyncio.shield(self._switcher.shadow(version, band, policy))
+        except UnknownVersion as exc:
+            await context.abort_with_status(grpc_status(ApiError(grpc.StatusCode.NOT_FOUND, str(exc))))
+        except SwitchRefused as exc:
+            await context.abort_with_status(grpc_status(ApiError(grpc.StatusCode.FAILED_PRECONDITION, str(exc))))
+        except (InvalidField, ValueError) as exc:  # ValueError: a band whose edges are out of order
+            await context.abort_with_status(grpc_status(api_error(
+                exc if isinstance(exc, InvalidField) else InvalidField("band_low", str(exc)))))
+        except Exception as exc:  # noqa: BLE001 - replicas or Serve failed to load it; nothing changed
+            log.warning("shadow failed: %s: %s", type(exc).__name__, exc)
+            await context.abort_with_status(grpc_status(ApiError(
+                grpc.StatusCode.UNAVAILABLE, f"shadow not started: {type(exc).__name__}: {exc}")))
+        policy = shadow.model.policy
+        return model_pb2.SetShadowResponse(on=True, version=shadow.model.version, band_low=policy.band_low,
+                                           band_high=policy.band_high, policy_version=shadow.policy_version)

@@ -8,8 +8,13 @@ the record), so a decision is never validated for one version and routed on anot
 ``ModelSwitcher.use`` switches: it checks the version in the registry, has every scorer replica load it beside the
 live one (the Serve ``user_config``: a reconfigure, no restart; ``apply_versions`` is the platform's), asks the
 scorer to describe it (``probe_calls`` concurrent calls, each waiting for its replica's load), then replaces the
-live ServingModel in one assignment and moves the registry's pointer, so a restart serves the same version. Calls in flight keep the version they picked, which stays loaded; a rollback
-switches back to the previous version the same way (it is still loaded: instant).
+live ServingModel in one assignment and moves the registry's pointer, so a restart serves the same version. Calls
+in flight keep the version they picked, which stays loaded; a rollback switches back to the previous version the
+same way (it is still loaded: instant).
+
+``ModelSwitcher.shadow`` runs a candidate beside the live model: a version loaded the same way (or the live one)
+on its own band. The scorer scores each row with both from one fold of the entity state; the cascade records the
+candidate's decision with the live one (riskcascade/core/shadow.py) and never returns it.
 """
 
 from __future__ import annotations
@@ -53,12 +58,27 @@ class ServingModel:
         return cls(info, escalation_policy(escalation, info.band_low, info.band_high))
 
 
+@dataclass(frozen=True)
+class Shadow:
+    """A candidate beside the live model: a model version (or the live one) on its own band, recorded only."""
+
+    model: ServingModel
+    policy_version: str
+
+
 class ModelSelection:
-    """The live ServingModel and the one it replaced (what a rollback returns to)."""
+    """The live ServingModel, the one it replaced (what a rollback returns to) and the shadow, if any."""
 
     def __init__(self, live: ServingModel):
         self.live = live
         self.previous: ServingModel | None = None
+        self.shadow: Shadow | None = None
+
+    def kept(self, *first: str) -> tuple[str, ...]:
+        """The versions the replicas keep: ``first``, then the live, the shadow's and the previous (no repeats)."""
+        versions = [*first, self.live.version, self.shadow.model.version if self.shadow else "",
+                    self.previous.version if self.previous else ""]
+        return tuple(dict.fromkeys(v for v in versions if v))
 
 
 class SwitchRefused(ValueError):
@@ -107,16 +127,7 @@ class ModelSwitcher:
             live = self.selection.live
             if version == live.version:
                 return SwitchResult(live, live, changed=False)
-            await asyncio.to_thread(self._check, version, live.version)
-            await self._apply_versions((version, live.version))
-            # each call waits until the replica it reaches has loaded the version; several concurrent ones reach
-            # every replica of a small deployment (and a replica missed loads it on its first request)
-            described = await asyncio.gather(*[self._scorer.info(self._describe_timeout_s, version)
-                                               for _ in range(self._probe_calls)])
-            info = described[0]
-            if {d.model_version for d in described} != {version}:
-                raise SwitchRefused(f"the scorer describes {sorted({d.model_version for d in described})}, "
-                                    f"not {version}")
+            info = await self._load_everywhere(version, live.version)
             chosen = ServingModel.of(info, self._escalation)
             self.selection.previous, self.selection.live = live, chosen  # the switch: one step
             await asyncio.to_thread(self._registry.set_live, version, reason)
@@ -125,6 +136,44 @@ class ModelSwitcher:
             if self._on_switch is not None:  # metrics and the ready file: file writes, off the loop
                 await asyncio.to_thread(self._on_switch, live, chosen)
             return SwitchResult(live, chosen, changed=True)
+
+    async def shadow(self, version: str | None, band: tuple[float | None, float | None], policy_version: str
+                     ) -> Shadow | None:
+        """Run a candidate beside the live model: ``version`` (None: the live one) on its band, the config's edges
+        and then ``band``'s overriding the card's. Its decisions are recorded with the live ones, never returned.
+        ``shadow_off`` ends it."""
+        async with self._lock:
+            live = self.selection.live
+            version = version or live.version
+            info = live.info if version == live.version else await self._load_everywhere(version, live.version)
+            low, high = band
+            escalation = self._escalation.model_copy(update={
+                k: v for k, v in (("band_low", low), ("band_high", high)) if v is not None})
+            shadow = Shadow(ServingModel.of(info, escalation), policy_version)
+            self.selection.shadow = shadow
+            log.warning("shadow %s (policy %s) beside %s: band [%.3f, %.3f)", version, policy_version, live.version,
+                        shadow.model.policy.band_low, shadow.model.policy.band_high)
+            return shadow
+
+    async def shadow_off(self) -> Shadow | None:
+        async with self._lock:
+            ended, self.selection.shadow = self.selection.shadow, None
+            if ended is not None:
+                log.warning("shadow %s ended", ended.model.version)
+            return ended
+
+    async def _load_everywhere(self, version: str, live_version: str) -> ScorerInfo:
+        """Check ``version``, have every replica keep it (with the live, shadow and previous ones), and return its
+        description once the replicas answering have it."""
+        await asyncio.to_thread(self._check, version, live_version)
+        await self._apply_versions(self.selection.kept(version))
+        # each call waits until the replica it reaches has loaded the version; several concurrent ones reach
+        # every replica of a small deployment (and a replica missed loads it on its first request)
+        described = await asyncio.gather(*[self._scorer.info(self._describe_timeout_s, version)
+                                           for _ in range(self._probe_calls)])
+        if {d.model_version for d in described} != {version}:
+            raise SwitchRefused(f"the scorer describes {sorted({d.model_version for d in described})}, not {version}")
+        return described[0]
 
     async def rollback(self, reason: str) -> SwitchResult:
         previous = self.selection.previous

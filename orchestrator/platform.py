@@ -253,7 +253,8 @@ async def run_platform(settings: Settings) -> None:
                                  settings.model.switch_probe_calls, on_switch=switched)
         server = await DecisionServer.open(servicer, settings.server.host, settings.server.port, settings.security,
                                            on_call_end=metrics.observe_rpc if metrics is not None else None,
-                                           models=ModelServicer(switcher, registry, servicer.service_info))
+                                           models=ModelServicer(switcher, registry, servicer.service_info,
+                                                               esc.policy_version))
         metrics_port = None
         if metrics is not None:
             metrics.serving(info.model_version, esc.policy_version, info.provider, policy.band_low, policy.band_high,

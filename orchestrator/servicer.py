@@ -41,6 +41,7 @@ from orchestrator.store import (
     FeedbackRecord,
     StoreBusyError,
     StoreClosedError,
+    shadow_json,
     utc_now,
 )
 from orchestrator.validation import InvalidField, to_feedback, to_risk_event, validate_id
@@ -363,6 +364,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             decided_at=decision.decided_at.isoformat(),
             payload=message.SerializeToString(),
             event=recorded_event.SerializeToString(),
+            shadow=shadow_json(decision.shadow),
         )
         handed = time.perf_counter()
         try:

@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import queue
 import sqlite3
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.batching import MicroBatcher
+from riskcascade.core.domain import ShadowDecision
 
 # SQLite's default limit on host parameters in one statement is 32766 (999 before 3.32): stay well under both
 _MAX_QUERY_PARAMETERS = 500
@@ -48,7 +50,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     decided_at   TEXT NOT NULL,
     payload      BLOB NOT NULL,
     event        BLOB NOT NULL DEFAULT x'',
-    attempts     INTEGER NOT NULL DEFAULT 1
+    attempts     INTEGER NOT NULL DEFAULT 1,
+    shadow       TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS feedback (
     feedback_id  TEXT PRIMARY KEY,
@@ -75,6 +78,7 @@ class DecisionRecord:
     payload: bytes  # the serialized answer, returned as-is on replay
     event: bytes = b""  # the serialized risk.v1.Event as decided (time stamped); empty in rows of older versions
     attempts: int = 1  # decisions made for this request_id: more than one when degraded ones were decided again
+    shadow: str = ""  # JSON of the shadow candidate's decision (ShadowDecision), recorded only; "" = no shadow
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,8 @@ class DecisionStore:
             writer.execute("ALTER TABLE decisions ADD COLUMN event BLOB NOT NULL DEFAULT x''")
         if "attempts" not in columns:  # a store written before degraded decisions could be decided again
             writer.execute("ALTER TABLE decisions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
+        if "shadow" not in columns:  # a store written before shadow decisions were recorded
+            writer.execute("ALTER TABLE decisions ADD COLUMN shadow TEXT NOT NULL DEFAULT ''")
         self._writer_thread = threading.Thread(
             target=self._write_loop, args=(writer,), name="decision-store-writer", daemon=True
         )
@@ -204,18 +210,20 @@ class DecisionStore:
     def _apply(conn: sqlite3.Connection, kind: str, record: Any) -> tuple[Any, bool]:
         if kind == "decision":
             cur = conn.execute(
-                "INSERT OR IGNORE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,1)",
+                "INSERT OR IGNORE INTO decisions (request_id, fingerprint, action, risk_score, decided_by, event_type,"
+                " degraded, decided_at, payload, event, attempts, shadow) VALUES (?,?,?,?,?,?,?,?,?,?,1,?)",
                 (record.request_id, record.fingerprint, record.action, record.risk_score, record.decided_by,
-                 record.event_type, int(record.degraded), record.decided_at, record.payload, record.event),
+                 record.event_type, int(record.degraded), record.decided_at, record.payload, record.event,
+                 record.shadow),
             )
             if cur.rowcount == 1:
                 return dataclasses.replace(record, attempts=1), True
             # a degraded row of the same request is provisional: a new decision of it takes its place
             cur = conn.execute(
                 "UPDATE decisions SET action=?, risk_score=?, decided_by=?, degraded=?, decided_at=?, payload=?, "
-                "event=?, attempts=attempts+1 WHERE request_id=? AND fingerprint=? AND degraded=1",
+                "event=?, shadow=?, attempts=attempts+1 WHERE request_id=? AND fingerprint=? AND degraded=1",
                 (record.action, record.risk_score, record.decided_by, int(record.degraded), record.decided_at,
-                 record.payload, record.event, record.request_id, record.fingerprint),
+                 record.payload, record.event, record.shadow, record.request_id, record.fingerprint),
             )
             return _select_decision(conn, record.request_id), cur.rowcount == 1
         exists = conn.execute("SELECT 1 FROM decisions WHERE request_id=?", (record.request_id,)).fetchone()
@@ -261,7 +269,7 @@ class DecisionStore:
         for start in range(0, len(unique), _MAX_QUERY_PARAMETERS):
             chunk = unique[start:start + _MAX_QUERY_PARAMETERS]
             rows = conn.execute(
-                f"SELECT * FROM decisions WHERE request_id IN ({','.join('?' * len(chunk))})", chunk
+                f"SELECT {_COLUMNS} FROM decisions WHERE request_id IN ({','.join('?' * len(chunk))})", chunk
             ).fetchall()
             found.update((row[0], _decision_from_row(row)) for row in rows)
         return [found.get(request_id) for request_id in request_ids]
@@ -304,14 +312,25 @@ def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+_COLUMNS = ("request_id, fingerprint, action, risk_score, decided_by, event_type, degraded, decided_at, payload, "
+            "event, attempts, shadow")
+
+
 def _select_decision(conn: sqlite3.Connection, request_id: str) -> DecisionRecord | None:
-    row = conn.execute("SELECT * FROM decisions WHERE request_id=?", (request_id,)).fetchone()
+    row = conn.execute(f"SELECT {_COLUMNS} FROM decisions WHERE request_id=?", (request_id,)).fetchone()
     return _decision_from_row(row) if row else None
 
 
 def _decision_from_row(row: tuple) -> DecisionRecord:
     return DecisionRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7], row[8], row[9],
-                          row[10])
+                          row[10], row[11])
+
+
+def shadow_json(shadow: ShadowDecision | None) -> str:
+    """The shadow column's value: the candidate's decision as JSON, or "" without one."""
+    if shadow is None:
+        return ""
+    return json.dumps({**dataclasses.asdict(shadow), "action": shadow.action.value}, sort_keys=True)
 
 
 def utc_now() -> datetime:

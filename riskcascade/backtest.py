@@ -38,15 +38,18 @@ from riskcascade.core.entity_state import LabelEvent
 from riskcascade.core.merge import MergeRules, merge
 from riskcascade.core.model_card import load_model_card
 from riskcascade.core.policy import EscalationPolicy, Route, escalation_policy
+from riskcascade.core.shadow import (  # noqa: F401 - the three sources a row names, re-exported beside the fourth
+    FROM_FAST_MODEL,
+    FROM_LIVE_REASONER,
+    FROM_UNDECIDED,
+    candidate_action,
+)
 
 PER_DECISIONS = 1000  # costs are reported per 1,000 decisions
 PROTOCOL = ("recorded events replayed in time order through the candidate's serving path, a fresh entity state, "
             "each label folded in from its arrival (feedback.recorded_at <= event time), none after as_of")
 
-# where the candidate's action comes from
-FROM_FAST_MODEL = "fast_model"  # outside the band: the candidate model decided
-FROM_LIVE_REASONER = "live_reasoner"  # escalated by both: the live platform's recorded outcome
-FROM_UNDECIDED = "undecided"  # escalated by the candidate only, not reviewed: merge.undecided_action
+# where the candidate's action comes from: riskcascade/core/shadow.py's three, or
 FROM_OFFLINE_REVIEW = "offline_review"  # escalated by the candidate only, reviewed offline (--review)
 
 
@@ -250,7 +253,7 @@ def run_backtest(
     reviewed = _offline_reviews(settings, compared, scores, routes, rules, progress) if review else {}
     rows = []
     for d, s, r in zip(compared, scores, routes):
-        action, source = _candidate_action(d, r.route, reviewed.get(d.event.request_id), rules)
+        action, source = _candidate_action(d, s.score, policy, reviewed.get(d.event.request_id), rules)
         label = labels.get(d.event.request_id)
         rows.append(BacktestRow(
             request_id=d.event.request_id, occurred_at=d.event.occurred_at.isoformat(),  # type: ignore[union-attr]
@@ -314,16 +317,13 @@ def _candidate_policy(settings: Settings, card_low: float, card_high: float,
                    band_high=policy.band_high if high is None else high)
 
 
-def _candidate_action(d: RecordedDecision, route: Route, verdict: Any, rules: MergeRules) -> tuple[Action, str]:
-    if route is Route.APPROVE:
-        return Action.APPROVE, FROM_FAST_MODEL
-    if route is Route.BLOCK:
-        return Action.BLOCK, FROM_FAST_MODEL
-    if d.escalated:
-        return d.action, FROM_LIVE_REASONER
-    if verdict is not None:
+def _candidate_action(d: RecordedDecision, score: float, policy: EscalationPolicy, verdict: Any,
+                      rules: MergeRules) -> tuple[Action, str]:
+    """As shadow mode decides (riskcascade/core/shadow.py), with an offline review where ``--review`` gave one."""
+    action, escalated, source = candidate_action(score, policy, d.escalated, d.action, rules.undecided_action)
+    if source == FROM_UNDECIDED and verdict is not None:
         return verdict, FROM_OFFLINE_REVIEW
-    return rules.undecided_action, FROM_UNDECIDED
+    return action, source
 
 
 def _offline_reviews(settings: Settings, decisions: Sequence[RecordedDecision], scores: Sequence[FastScore],

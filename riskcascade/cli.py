@@ -620,21 +620,81 @@ def model_use(config: str | None, version: str | None, rollback: bool, reason: s
     _switch_running(settings, version or "", rollback, reason)
 
 
-def _switch_running(settings: Settings, version: str, rollback: bool, reason: str) -> None:
+@model.command(name="shadow")
+@config_option
+@click.argument("version", required=False)
+@click.option("--band-low", type=click.FloatRange(0, 1), default=None, help="the candidate's band low edge")
+@click.option("--band-high", type=click.FloatRange(0, 1), default=None, help="the candidate's band high edge")
+@click.option("--policy-version", default="", help="names the candidate policy in the records")
+@click.option("--off", is_flag=True, help="end the shadow")
+def model_shadow(config: str | None, version: str | None, band_low: float | None, band_high: float | None,
+                 policy_version: str, off: bool) -> None:
+    """Run a candidate beside the live model on live traffic (VERSION, or the live model on another band): each
+    decision records what it would have decided, never returned; `riskcascade shadow-report` compares them."""
+    from risk.v1 import model_pb2
+
+    settings = _settings(config)
+    request = model_pb2.SetShadowRequest(version=version or "", policy_version=policy_version, off=off)
+    if band_low is not None:
+        request.band_low = band_low
+    if band_high is not None:
+        request.band_high = band_high
+    response = _call_models(settings, "SetShadow", request)
+    if not response.on:
+        click.echo("shadow ended")
+        return
+    click.echo(f"shadow {response.version} ({response.policy_version}) on band [{response.band_low:.4f}, "
+               f"{response.band_high:.4f}) beside the live model")
+
+
+def _call_models(settings: Settings, method: str, request: object) -> object:
+    """One ModelService call to the running platform (admin token), its failure said in one line."""
     import grpc
 
     from orchestrator.client import ClientSecurityError, open_channel
-    from risk.v1 import model_pb2, model_pb2_grpc
+    from risk.v1 import model_pb2_grpc
 
+    if _running_pid(settings) is None:
+        raise click.ClickException("riskcascade is not running")
     wait_s = settings.ray.start_timeout_s + settings.ray.scorer_info_timeout_s
     try:
         with open_channel(settings) as channel:
-            response = model_pb2_grpc.ModelServiceStub(channel).UseModel(
-                model_pb2.UseModelRequest(version=version, rollback=rollback, reason=reason), timeout=wait_s)
+            return getattr(model_pb2_grpc.ModelServiceStub(channel), method)(request, timeout=wait_s)
     except ClientSecurityError as exc:
         raise click.ClickException(str(exc)) from None
     except grpc.RpcError as exc:
         raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+
+
+@main.command(name="shadow-report")
+@config_option
+@click.option("--since", default=None, help="first decision time compared (ISO 8601; UTC if no zone)")
+@click.option("--as-of", "as_of", default=None, help="labels known by this time (ISO 8601)  [default: now]")
+@click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="the decision store  [default: store.sqlite_path]")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/shadow", show_default=True)
+def shadow_report(config: str | None, since: str | None, as_of: str | None, store: str | None, out_dir: str) -> None:
+    """The shadow candidate's recorded decisions against the live ones and the outcomes known."""
+    from riskcascade.backtest import BacktestError, parse_time
+    from riskcascade.shadow_report import run_shadow_report
+
+    settings = _settings(config)
+    try:
+        report = run_shadow_report(settings, Path(out_dir), since=parse_time(since), as_of=parse_time(as_of),
+                                   store_path=Path(store) if store else None,
+                                   command=" ".join(["riskcascade", *sys.argv[1:]]))
+    except (BacktestError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    c = report["counts"]
+    click.echo(f"{c['agree']:,} of {c['decisions']:,} actions agree ({c['labelled']:,} labelled); report in "
+               f"{out_dir}/shadow.md")
+
+
+def _switch_running(settings: Settings, version: str, rollback: bool, reason: str) -> None:
+    from risk.v1 import model_pb2
+
+    response = _call_models(settings, "UseModel",
+                            model_pb2.UseModelRequest(version=version, rollback=rollback, reason=reason))
     info = response.info
     if not response.changed:
         click.echo(f"{info.model_version} is already live")

@@ -168,3 +168,81 @@ def test_a_version_switch_and_a_rollback_under_load_fail_no_call(platform):
     assert all(r.live_fast_score == pytest.approx(d.fast_score, abs=1e-9) for r, d in ours)
     assert all(r.candidate_score == pytest.approx(d.fast_score, abs=1e-6) for r, d in ours)
     assert (platform.workdir / "backtest" / "backtest.md").exists()
+
+
+def test_a_shadow_candidate_is_recorded_beside_every_live_decision_and_reported(platform):
+    """The rebanded version (published by the test above, or here) in shadow on live traffic: every answer is the
+    live version's; every stored decision carries the candidate's, scored by it on the same event; the report
+    compares them; once it is off, decisions carry none."""
+    import sqlite3
+    from datetime import datetime, timezone
+
+    from riskcascade.shadow_report import run_shadow_report
+
+    registry = ModelRegistry(platform.workdir / "model")
+    live = registry.live()
+    candidate, low, high = publish_rebanded(registry, live)
+    events = read_events_csv(platform.workdir / "data" / "test.csv")[400:700]
+    since = datetime.now(timezone.utc)
+    counted_before = shadow_counts(platform)
+    with platform_channel(platform) as channel:
+        stub = decision_pb2_grpc.DecisionServiceStub(channel)
+        models = model_pb2_grpc.ModelServiceStub(channel)
+        on = models.SetShadow(model_pb2.SetShadowRequest(version=candidate, policy_version="rebanded"),
+                              timeout=DEADLINE_S * 6)
+        assert on.on and on.version == candidate and (on.band_low, on.band_high) == pytest.approx((low, high))
+        with Load(stub, events) as load:
+            load.wait_for(40)
+        assert not models.SetShadow(model_pb2.SetShadowRequest(off=True), timeout=DEADLINE_S).on
+        request = decide_request(events[0], f"after-shadow-{uuid.uuid4().hex[:8]}")
+        request.event.CopyFrom(with_entity_tag(request.event, uuid.uuid4().hex[:8]))
+        after = stub.Decide(request, timeout=DEADLINE_S).decision
+        with pytest.raises(grpc.RpcError) as refused:
+            models.SetShadow(model_pb2.SetShadowRequest(band_low=0.9, band_high=0.1), timeout=DEADLINE_S * 6)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    assert load.errors == [], load.errors[:5]
+    decisions = [d for _, _, d in load.results]
+    assert len(decisions) >= 40 and {d.model_version for d in decisions} == {live}  # answers are the live ones
+    db = sqlite3.connect(f"{(platform.workdir / 'decisions.sqlite').resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        stored = dict(db.execute(
+            f"SELECT request_id, shadow FROM decisions WHERE request_id IN ({','.join('?' * len(decisions))})",
+            [d.request_id for d in decisions]).fetchall())
+        assert db.execute("SELECT shadow FROM decisions WHERE request_id=?", (after.request_id,)).fetchone() == ("",)
+    finally:
+        db.close()
+    assert len(stored) == len(decisions)
+    for d in decisions:
+        shadow = json.loads(stored[d.request_id])
+        assert (shadow["model_version"], shadow["policy_version"]) == (candidate, "rebanded")
+        assert (shadow["band_low"], shadow["band_high"]) == pytest.approx((low, high))
+        if d.degraded_cause != DegradedCause.FAST_MODEL_FAILED.value:
+            assert shadow["score"] == pytest.approx(d.fast_score, abs=1e-6)  # the same weights, its own run
+            expected = "approve" if shadow["score"] < low else "block" if shadow["score"] >= high else None
+            assert expected is None or shadow["action"] == expected
+    report = run_shadow_report(platform_settings(platform), platform.workdir / "shadow", since=since)
+    assert report["counts"]["decisions"] == len(stored) and report["models"]["candidate"] == {candidate: len(stored)}
+    assert report["counts"]["agree"] == sum(json.loads(stored[d.request_id])["action"] == pb.Action.Name(d.action)
+                                            .removeprefix("ACTION_").lower() for d in decisions)
+    assert (platform.workdir / "shadow" / "shadow.md").exists()
+    # the gateway's metric counts them by live and candidate action, as the report does
+    counted = shadow_counts(platform)
+    assert sum(counted.values()) - sum(counted_before.values()) == len(decisions)
+    moved = {k: counted[k] - counted_before.get(k, 0) for k in counted}
+    assert moved[("approve", "approve")] + moved[("block", "block")] + moved[("review", "review")] == \
+        report["counts"]["agree"]
+
+
+def shadow_counts(platform) -> dict[tuple[str, str], float]:  # noqa: ANN001
+    """riskcascade_shadow_decisions_total by (live action, shadow action), scraped from the gateway."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = json.loads((platform.workdir / "ready.json").read_text())["metrics_port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:  # noqa: S310
+        text = response.read().decode()
+    return {(s.labels["live_action"], s.labels["shadow_action"]): s.value
+            for family in text_string_to_metric_families(text) if family.name == "riskcascade_shadow_decisions"
+            for s in family.samples if s.name.endswith("_total")}

@@ -126,8 +126,13 @@ class FakeModel:
     def card(self):  # noqa: ANN201
         return type("Card", (), {"version": self.version})()
 
-    def score_batch(self, requests):  # noqa: ANN001, ANN201
-        self.calls.append([r.request_id for r in requests])
+    def fold(self, requests):  # noqa: ANN001, ANN201
+        self.calls.append(["fold", *[r.request_id for r in requests]])
+        return "folded"
+
+    def score_batch(self, requests, state_features=None, live=True):  # noqa: ANN001, ANN201
+        self.calls.append([r.request_id for r in requests] if state_features is None
+                          else ["scored", state_features, live, *[r.request_id for r in requests]])
         return [FastScore(self.value, self.value, (), self.version, "cpu") for _ in requests]
 
 
@@ -291,3 +296,144 @@ def test_model_commands_list_and_move_the_pointer_of_a_stopped_platform(tmp_path
     assert unknown.exit_code != 0 and "no model version 'v9'" in unknown.output and registry.live() == "v1"
     both = runner.invoke(main, ["model", "use", "v2", "--rollback", "--config", str(config)])
     assert both.exit_code != 0 and registry.live() == "v1"
+
+
+
+# -- shadow mode ---------------------------------------------------------------------------------------------------
+
+def test_a_shelf_scores_a_shadow_from_the_same_fold_of_the_state(tmp_path):
+    shelf, _ = shelf_with(tmp_path, ["v1", "v2"])
+    shelf.keep(["v1", "v2"])
+    requests = [ScoreRequest(f"r{i}", {}, model_version="v1", shadow_version="v2") for i in range(2)]
+    scored = shelf.score(requests)
+    assert [(s.model_version, s.score, s.shadow_version, s.shadow_score) for s in scored] == [
+        ("v1", 0.0, "v2", 1.0)] * 2
+    # the live version folded the rows once and scored them; the shadow scored the same fold, as not live
+    assert shelf.model("v1").calls == [["fold", "r0", "r1"], ["scored", "folded", True, "r0", "r1"]]
+    assert shelf.model("v2").calls == [["scored", "folded", False, "r0", "r1"]]
+    # a shadow naming the live version itself is no second run
+    assert shelf.score([ScoreRequest("r9", {}, model_version="v1", shadow_version="v1")])[0].shadow_score is None
+
+
+def test_a_candidate_decides_on_its_own_band_and_reuses_only_the_live_reasoners_outcome():
+    from riskcascade.core.domain import Action
+    from riskcascade.core.policy import EscalationPolicy
+    from riskcascade.core.shadow import FROM_FAST_MODEL, FROM_LIVE_REASONER, FROM_UNDECIDED, candidate_action
+
+    band = EscalationPolicy(0.3, 0.7, 0.0, 8)
+    assert candidate_action(0.1, band, True, Action.BLOCK, Action.REVIEW) == (Action.APPROVE, False, FROM_FAST_MODEL)
+    assert candidate_action(0.7, band, False, Action.APPROVE, Action.REVIEW) == (Action.BLOCK, False, FROM_FAST_MODEL)
+    assert candidate_action(0.5, band, True, Action.BLOCK, Action.REVIEW) == (Action.BLOCK, True, FROM_LIVE_REASONER)
+    assert candidate_action(0.5, band, False, Action.APPROVE, Action.REVIEW) == (Action.REVIEW, True, FROM_UNDECIDED)
+
+
+def test_the_cascade_records_the_shadows_decision_and_returns_the_live_one(tmp_path):
+    from orchestrator.breaker import CircuitBreaker
+    from orchestrator.cascade import Cascade, StageLimits
+    from orchestrator.convert import decision_to_proto
+    from orchestrator.models import Shadow
+    from orchestrator.store import DecisionRecord, DecisionStore, shadow_json
+    from riskcascade.core.config import MergeSettings
+    from riskcascade.core.domain import Entities, EventType, RiskEvent
+    from riskcascade.core.merge import MergeRules
+    from riskcascade.core.policy import EscalationPolicy
+
+    live = ServingModel(ScorerInfo("v1", ("amount",), 0.2, 0.8, "cpu", ""), EscalationPolicy(0.2, 0.8, 0.0, 8))
+    candidate = ServingModel(ScorerInfo("v2", ("amount",), 0.05, 0.1, "cpu", ""), EscalationPolicy(0.05, 0.1, 0.0, 8))
+    selection = ModelSelection(live)
+    selection.shadow = Shadow(candidate, "p+shadow")
+    asked: list[ScoreRequest] = []
+
+    class Scorer:
+        async def score(self, request: ScoreRequest, timeout_s: float) -> FastScore:
+            asked.append(request)
+            return FastScore(0.15, 0.15, (), request.model_version, "cpu", shadow_score=0.12,
+                             shadow_version=request.shadow_version)
+
+    breakers = [CircuitBreaker(n, 3, 1.0) for n in ("fast", "reasoner")]
+    cascade = Cascade(Scorer(), None, selection, MergeRules.from_settings(MergeSettings()), "p", 0.0,
+                      StageLimits({t: 0.1 for t in EventType}, 1.0), *breakers, 4)
+    event = RiskEvent("r1", EventType.ORDER, Entities(account_id="a"), {"amount": 1.0})
+    decision = asyncio.run(cascade.decide(event, deadline=float("inf")))
+    assert (asked[0].model_version, asked[0].shadow_version) == ("v1", "v2")
+    assert decision.action.value == "approve" and decision.model_version == "v1"  # the live decision
+    shadow = decision.shadow
+    assert (shadow.model_version, shadow.policy_version, shadow.score, shadow.action.value, shadow.action_from) == (
+        "v2", "p+shadow", 0.12, "block", "fast_model")  # 0.12 is at or above v2's high edge
+    assert "v2" not in str(decision_to_proto(decision))  # never returned
+    # recorded with the decision, in the same row
+    store = DecisionStore(tmp_path / "d.sqlite")
+    try:
+        record = DecisionRecord("r1", "fp", "approve", 0.15, "fast_model", "order", False, "2026-11-30T00:00:00+00:00",
+                                b"", b"", shadow=shadow_json(shadow))
+        asyncio.run(store.put_decision(record))
+        stored = json.loads(store.get_decision("r1").shadow)
+        assert (stored["model_version"], stored["action"], stored["band_high"]) == ("v2", "block", 0.1)
+    finally:
+        store.close()
+    selection.shadow = None
+    assert asyncio.run(cascade.decide(replace(event, request_id="r2"), deadline=float("inf"))).shadow is None
+    assert asked[-1].shadow_version == ""
+
+
+def test_a_store_from_before_shadows_gains_the_column_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    from orchestrator.store import DecisionStore
+
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE decisions (request_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, action TEXT NOT "
+                 "NULL, risk_score REAL NOT NULL, decided_by TEXT NOT NULL, event_type TEXT NOT NULL, degraded "
+                 "INTEGER NOT NULL, decided_at TEXT NOT NULL, payload BLOB NOT NULL, event BLOB NOT NULL DEFAULT "
+                 "x'', attempts INTEGER NOT NULL DEFAULT 1)")
+    conn.execute("INSERT INTO decisions VALUES ('old', 'fp', 'block', 0.9, 'fast_model', 'order', 0, "
+                 "'2026-01-01T00:00:00+00:00', x'', x'', 1)")
+    conn.commit()
+    conn.close()
+    store = DecisionStore(path)
+    try:
+        old = store.get_decision("old")
+        assert (old.action, old.shadow) == ("block", "")
+    finally:
+        store.close()
+
+
+def test_the_shadow_report_compares_with_the_live_decisions_and_the_outcomes_known(tmp_path):
+    from datetime import datetime, timezone
+
+    from orchestrator.store import DecisionRecord, DecisionStore, FeedbackRecord
+    from risk.v1 import decision_pb2 as pb
+    from riskcascade.core.config import load_settings
+    from riskcascade.shadow_report import run_shadow_report
+
+    def shadow(action: str, escalated: bool = False) -> str:
+        return json.dumps({"model_version": "v2", "policy_version": "p+shadow", "score": 0.5, "band_low": 0.1,
+                           "band_high": 0.4, "action": action, "escalated": escalated, "action_from": "fast_model"})
+
+    store = DecisionStore(tmp_path / "d.sqlite")
+    rows = [  # request, live action, shadow action, label, label arrives
+        ("fraud-missed-live", "approve", "block", "fraud", "2026-11-30T10:00:00+00:00"),
+        ("legit-blocked-live", "block", "approve", "legitimate", "2026-11-30T10:00:00+00:00"),
+        ("label-too-late", "approve", "block", "fraud", "2026-12-02T00:00:00+00:00"),
+        ("agree", "approve", "approve", None, None),
+    ]
+    try:
+        for request_id, live, candidate, _, _ in rows:
+            payload = pb.Decision(request_id=request_id, model_version="v1").SerializeToString()
+            asyncio.run(store.put_decision(DecisionRecord(
+                request_id, "fp", live, 0.5, "fast_model", "order", False, "2026-11-30T09:00:00+00:00", payload, b"",
+                shadow=shadow(candidate))))
+        for request_id, _, _, label, at in rows:
+            if label:
+                asyncio.run(store.put_feedback(FeedbackRecord(f"fb-{request_id}", request_id, label, "", "", at)))
+    finally:
+        store.close()
+    settings = load_settings(store={"sqlite_path": str(tmp_path / "d.sqlite")})
+    report = run_shadow_report(settings, tmp_path / "out", as_of=datetime(2026, 12, 1, tzinfo=timezone.utc))
+    live, candidate = report["live"], report["candidate"]
+    assert report["counts"] == {"decisions": 4, "labelled": 2, "agree": 1, "candidate_from": {"fast_model": 4}}
+    assert (live["fraud_caught"], live["false_positives"]) == (0, 1)  # the late label is not known yet
+    assert (candidate["fraud_caught"], candidate["false_positives"]) == (1, 0)
+    assert report["transitions"]["approve"]["block"] == 2 and report["models"]["live"] == {"v1": 4}
+    assert "4 decisions" in (tmp_path / "out" / "shadow.md").read_text()

@@ -127,11 +127,12 @@ class ScoreRequest:
     trace_carrier: dict[str, str] = field(default_factory=dict)
     occurred_at: float | None = None  # event time, seconds since the epoch (UTC); None = when it is scored
     model_version: str = ""  # the model version to score with (the gateway's live one); "" = the scorer's default
+    shadow_version: str = ""  # a candidate version to score the same rows with, beside (never instead of) it
 
     @classmethod
     def of(cls, request_id: str, event_type: "EventType", entities: Entities, features: dict[str, float],
            trace_carrier: dict[str, str] | None = None, occurred_at: datetime | None = None,
-           model_version: str = "") -> "ScoreRequest":
+           model_version: str = "", shadow_version: str = "") -> "ScoreRequest":
         return cls(
             request_id=request_id,
             features=features,
@@ -140,6 +141,7 @@ class ScoreRequest:
             trace_carrier=trace_carrier or {},
             occurred_at=occurred_at.timestamp() if occurred_at is not None else None,
             model_version=model_version,
+            shadow_version=shadow_version,
         )
 
 
@@ -153,6 +155,8 @@ class FastScore:
     model_version: str
     provider: str  # onnxruntime execution provider that ran the model
     state_features: dict[str, float] = field(default_factory=dict)  # reported entity-state features (see proto)
+    shadow_score: float | None = None  # the shadow version's calibrated score of the same row, when one was named
+    shadow_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,22 @@ class Decision:
     rationale: str = ""
     reasoner_backend: str = ""
     state_features: dict[str, float] = field(default_factory=dict)
+    shadow: "ShadowDecision | None" = None  # what a candidate beside the live one would have decided: recorded only
+
+
+@dataclass(frozen=True)
+class ShadowDecision:
+    """A candidate model version or escalation band's decision on a live event, made beside the live one and
+    recorded with it, never returned (see riskcascade/core/shadow.py)."""
+
+    model_version: str
+    policy_version: str
+    score: float
+    band_low: float
+    band_high: float
+    action: Action
+    escalated: bool
+    action_from: str  # fast_model | live_reasoner | undecided: where the escalated candidate's action comes from
 
 
 @dataclass(frozen=True)

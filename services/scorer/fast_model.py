@@ -112,29 +112,40 @@ class FastModel:
             log.info("anomaly score: %s%s", self._anomaly.method,
                      f" ({self._anomaly.fallback_reason})" if self._anomaly.fallback_reason else "")
 
-    def matrix(self, requests: Sequence[ScoreRequest]) -> np.ndarray:
+    def matrix(self, requests: Sequence[ScoreRequest], state_features: np.ndarray | None = None) -> np.ndarray:
         """Requests as the float32 model input: raw features (absent = NaN), categorical codes, graph aggregates
-        from the entities, then the anomaly score."""
-        nan, inputs = math.nan, self._inputs
-        raw = np.array([[r.features.get(name, nan) for name in inputs] for r in requests], dtype=np.float64)
-        raw = raw.reshape(len(requests), len(inputs))
-        state_features = None
-        if self.state is not None:
-            now = time.time()
-            links = self._layout.state.links  # type: ignore[union-attr]
-            state_features = self.state.step([
-                StateEvent(
-                    event_id=r.request_id,
-                    time=r.occurred_at if r.occurred_at is not None else now,
-                    entities={k: v for k, v in r.entities.items() if k in links and v},
-                    values=tuple(float(v) for v in raw[i, self._state_values]),
-                )
-                for i, r in enumerate(requests)
-            ])
+        from the entities, then the anomaly score. A time-true model folds the requests into the state here,
+        unless ``state_features`` are given (another version sharing the state folded them: a shadow)."""
+        raw = self._raw(requests)
+        if self.state is not None and state_features is None:
+            state_features = self._step(requests, raw)
         x = self._layout.transform(
             raw, [r.attributes for r in requests], [r.entities for r in requests], state_features
         )
         return self.model_input(x)
+
+    def fold(self, requests: Sequence[ScoreRequest]) -> np.ndarray | None:
+        """Fold the requests into the entity state, returning each one's state features as of its time (None
+        for a model without state): what ``matrix`` does first, for a caller scoring them with two versions."""
+        return self._step(requests, self._raw(requests)) if self.state is not None else None
+
+    def _raw(self, requests: Sequence[ScoreRequest]) -> np.ndarray:
+        nan, inputs = math.nan, self._inputs
+        raw = np.array([[r.features.get(name, nan) for name in inputs] for r in requests], dtype=np.float64)
+        return raw.reshape(len(requests), len(inputs))
+
+    def _step(self, requests: Sequence[ScoreRequest], raw: np.ndarray) -> np.ndarray:
+        now = time.time()
+        links = self._layout.state.links  # type: ignore[union-attr]
+        return self.state.step([  # type: ignore[union-attr]
+            StateEvent(
+                event_id=r.request_id,
+                time=r.occurred_at if r.occurred_at is not None else now,
+                entities={k: v for k, v in r.entities.items() if k in links and v},
+                values=tuple(float(v) for v in raw[i, self._state_values]),
+            )
+            for i, r in enumerate(requests)
+        ])
 
     def model_input(self, pre_anomaly: np.ndarray) -> np.ndarray:
         """The layout's matrix (``FeatureLayout.transform`` or training's replay) as float32 model input, with the
@@ -144,12 +155,14 @@ class FastModel:
             x = np.column_stack([x, self._anomaly.score(x)])
         return x
 
-    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[FastScore]:
-        """Score events (a time-true model also folds them into the state, in order); live events also enter the
-        drift window."""
-        x = self.matrix(requests)
-        scores = self.score_matrix(x)
-        if self.drift is not None:
+    def score_batch(self, requests: Sequence[ScoreRequest], state_features: np.ndarray | None = None,
+                    live: bool = True) -> list[FastScore]:
+        """Score events (a time-true model also folds them into the state, in order, unless ``state_features``
+        are given); live events also enter the drift window. ``live=False`` (a shadow's view of events another
+        version decides): no reason codes, no drift window."""
+        x = self.matrix(requests, state_features)
+        scores = self.score_matrix(x, reasons=live)
+        if self.drift is not None and live:
             self.drift.add(x, np.fromiter((s.score for s in scores), dtype=np.float64, count=len(scores)))
         return scores
 
@@ -160,16 +173,16 @@ class FastModel:
             return None
         return self.drift.feature_psi(floor), self.drift.score_psi(floor), self.drift.events
 
-    def score_matrix(self, x: np.ndarray) -> list[FastScore]:
+    def score_matrix(self, x: np.ndarray, reasons: bool = True) -> list[FastScore]:
         """Score rows already in the model's input layout (``matrix``'s output, or training's replay features)."""
         raw = self._session.run([self._output], {self._input: x})[0][:, 1].astype(np.float64)
         calibrated = self._calibrator.apply(raw)
-        reasons = self._reasons(x, calibrated) if self._reason_count else [()] * x.shape[0]
+        codes = self._reasons(x, calibrated) if self._reason_count and reasons else [()] * x.shape[0]
         return [
             FastScore(
                 score=float(calibrated[i]),
                 raw_score=float(raw[i]),
-                reasons=reasons[i],
+                reasons=codes[i],
                 model_version=self.card.version,
                 provider=self.info.provider,
                 state_features={n: float(x[i, j]) for n, j in self._reported if not math.isnan(x[i, j])},

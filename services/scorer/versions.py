@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from riskcascade.core.domain import FastScore, ScoreRequest
@@ -77,15 +78,28 @@ class ModelShelf:
             self.default = default or versions[0]
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[FastScore]:
-        """Score each request with the version it names, in order within each version (one run per version)."""
-        groups: dict[str, list[int]] = {}
+        """Score each request with the version it names, in order within each version (one run per version), and
+        with its shadow version too where it names one (the same rows and state features, folded once)."""
+        groups: dict[tuple[str, str], list[int]] = {}
         for i, request in enumerate(requests):
-            groups.setdefault(request.model_version or self.default, []).append(i)
+            version = request.model_version or self.default
+            shadow = request.shadow_version if request.shadow_version != version else ""
+            groups.setdefault((version, shadow), []).append(i)
         if len(groups) == 1:
-            (version,) = groups
-            return self.model(version).score_batch(requests)
+            ((version, shadow),) = groups
+            return self._score_group(version, shadow, requests)
         out: list[FastScore | None] = [None] * len(requests)
-        for version, rows in groups.items():
-            for i, scored in zip(rows, self.model(version).score_batch([requests[i] for i in rows])):
+        for (version, shadow), rows in groups.items():
+            for i, scored in zip(rows, self._score_group(version, shadow, [requests[i] for i in rows])):
                 out[i] = scored
         return out  # type: ignore[return-value]
+
+    def _score_group(self, version: str, shadow: str, requests: Sequence[ScoreRequest]) -> list[FastScore]:
+        model = self.model(version)
+        if not shadow:
+            return model.score_batch(requests)
+        candidate = self.model(shadow)
+        folded = model.fold(requests)  # once: the state sees each event once, whoever scores it
+        scores = model.score_batch(requests, folded)
+        shadowed = candidate.score_batch(requests, folded, live=False)
+        return [replace(s, shadow_score=c.score, shadow_version=c.model_version) for s, c in zip(scores, shadowed)]
