@@ -393,6 +393,21 @@ def _markdown(r: dict[str, Any]) -> str:
         f"- events only the candidate escalates: {r['new_escalations']}",
         f"- {c['labelled']:,} of {c['decisions']:,} decisions have a label; {c['without_event']:,} rows recorded "
         f"without their event and {c['unreadable']:,} unreadable ones skipped",
+        *comparison_lines(r, f"{c['changed']:,} decisions change."),
+        "| request | time | label | live | live score | candidate | candidate score | from |",
+        "|---|---|---|---|---:|---|---:|---|",
+        *[f"| {e['request_id']} | {e['occurred_at']} | {e['label'] or ''} | {e['live_action']} | "
+          f"{'' if e['live_fast_score'] is None else format(e['live_fast_score'], '.3f')} | {e['candidate_action']} | "
+          f"{e['candidate_score']:.3f} | {e['candidate_from']} |" for e in r["examples"]],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def comparison_lines(r: dict[str, Any], changed: str) -> list[str]:
+    """The report's costs line, live/candidate/change table and action matrix (the backtest's and the shadow
+    report's, from the same keys)."""
+    return [
         f"- costs in {r['costs']['units']}: escalation {r['costs']['review']}, missed fraud "
         f"{r['costs']['missed_fraud']}, blocked legitimate {r['costs']['wrong_block']}; errors count labelled "
         "decisions only",
@@ -402,20 +417,13 @@ def _markdown(r: dict[str, Any]) -> str:
         *[f"| {name} | {_shown(key, r['live'][key])} | {_shown(key, r['candidate'][key])} | "
           f"{_shown(key, r['delta'].get(key), signed=True)} |" for key, name in FIGURES],
         "",
-        f"{c['changed']:,} decisions change. Live action (rows) to candidate action (columns):",
+        f"{changed} Live action (rows) to candidate action (columns):".strip(),
         "",
         "| live \\ candidate | " + " | ".join(r["transitions"]) + " |",
         "|---|" + "---:|" * len(r["transitions"]),
         *[f"| {a} | " + " | ".join(f"{n:,}" for n in row.values()) + " |" for a, row in r["transitions"].items()],
         "",
-        "| request | time | label | live | live score | candidate | candidate score | from |",
-        "|---|---|---|---|---:|---|---:|---|",
-        *[f"| {e['request_id']} | {e['occurred_at']} | {e['label'] or ''} | {e['live_action']} | "
-          f"{'' if e['live_fast_score'] is None else format(e['live_fast_score'], '.3f')} | {e['candidate_action']} | "
-          f"{e['candidate_score']:.3f} | {e['candidate_from']} |" for e in r["examples"]],
-        "",
     ]
-    return "\n".join(lines)
 
 
 def _shown(key: str, value: float | None, signed: bool = False) -> str:

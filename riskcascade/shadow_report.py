@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from risk.v1 import decision_pb2 as pb
-from riskcascade.backtest import FIGURES, BacktestError, _counted, _shown, _side, _utc
+from riskcascade.backtest import BacktestError, _counted, _side, _utc, comparison_lines
 from riskcascade.core.config import Settings
 from riskcascade.core.domain import Action
 
@@ -104,20 +104,6 @@ def _markdown(r: dict[str, Any]) -> str:
         f"- {c['agree']:,} of {c['decisions']:,} actions agree; {c['labelled']:,} decisions have a label; where the "
         f"candidate's actions come from: {_counted(c['candidate_from'])} (an escalation only the candidate makes "
         "counts as merge.undecided_action)",
-        f"- costs in {r['costs']['units']}: escalation {r['costs']['review']}, missed fraud "
-        f"{r['costs']['missed_fraud']}, blocked legitimate {r['costs']['wrong_block']}; errors count labelled "
-        "decisions only",
-        "",
-        "| | live | candidate | change |",
-        "|---|---:|---:|---:|",
-        *[f"| {name} | {_shown(key, r['live'][key])} | {_shown(key, r['candidate'][key])} | "
-          f"{_shown(key, r['delta'].get(key), signed=True)} |" for key, name in FIGURES],
-        "",
-        "Live action (rows) to candidate action (columns):",
-        "",
-        "| live \\ candidate | " + " | ".join(r["transitions"]) + " |",
-        "|---|" + "---:|" * len(r["transitions"]),
-        *[f"| {a} | " + " | ".join(f"{n:,}" for n in row.values()) + " |" for a, row in r["transitions"].items()],
-        "",
+        *comparison_lines(r, ""),
     ])
 
