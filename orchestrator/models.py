@@ -31,6 +31,7 @@ from riskcascade.core.domain import ScorerInfo
 from riskcascade.core.features import FeatureLayout
 from riskcascade.core.model_registry import ModelRegistry, UnknownModelVersion
 from riskcascade.core.policy import EscalationPolicy, escalation_policy
+from riskcascade.core.shadow import candidate_policy
 
 log = logging.getLogger("riskcascade.models")
 
@@ -97,7 +98,10 @@ class DescribingScorer(Protocol):
 class SwitchResult:
     previous: ServingModel
     live: ServingModel
-    changed: bool
+
+    @property
+    def changed(self) -> bool:
+        return self.previous.version != self.live.version
 
 
 class ModelSwitcher:
@@ -126,7 +130,7 @@ class ModelSwitcher:
         async with self._lock:
             live = self.selection.live
             if version == live.version:
-                return SwitchResult(live, live, changed=False)
+                return SwitchResult(live, live)
             info = await self._load_everywhere(version, live.version)
             chosen = ServingModel.of(info, self._escalation)
             self.selection.previous, self.selection.live = live, chosen  # the switch: one step
@@ -135,7 +139,7 @@ class ModelSwitcher:
                         chosen.policy.band_low, chosen.policy.band_high)
             if self._on_switch is not None:  # metrics and the ready file: file writes, off the loop
                 await asyncio.to_thread(self._on_switch, live, chosen)
-            return SwitchResult(live, chosen, changed=True)
+            return SwitchResult(live, chosen)
 
     async def shadow(self, version: str | None, band: tuple[float | None, float | None], policy_version: str
                      ) -> Shadow | None:
@@ -146,10 +150,8 @@ class ModelSwitcher:
             live = self.selection.live
             version = version or live.version
             info = live.info if version == live.version else await self._load_everywhere(version, live.version)
-            low, high = band
-            escalation = self._escalation.model_copy(update={
-                k: v for k, v in (("band_low", low), ("band_high", high)) if v is not None})
-            shadow = Shadow(ServingModel.of(info, escalation), policy_version)
+            shadow = Shadow(ServingModel(info, candidate_policy(self._escalation, info.band_low, info.band_high,
+                                                                band)), policy_version)
             self.selection.shadow = shadow
             log.warning("shadow %s (policy %s) beside %s: band [%.3f, %.3f)", version, policy_version, live.version,
                         shadow.model.policy.band_low, shadow.model.policy.band_high)

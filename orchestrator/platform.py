@@ -221,16 +221,8 @@ async def run_platform(settings: Settings) -> None:
             settings.store.sqlite_path, settings.store.synchronous, settings.store.max_group_commit,
             settings.store.max_pending_writes, settings.store.read_threads, settings.store.max_read_batch,
         )
-        service_info = pb.ServiceInfo(
-            model_version=info.model_version,
-            scorer_provider=info.provider,
-            scorer_provider_detail=info.provider_detail,
-            band_low=policy.band_low,
-            band_high=policy.band_high,
-            policy_version=esc.policy_version,
-            feature_names=list(info.feature_names),
-            retrieval_backend=settings.retrieval.backend,
-        )
+        # the model's fields (version, provider, band, features) come from the live ServingModel at each call
+        service_info = pb.ServiceInfo(policy_version=esc.policy_version, retrieval_backend=settings.retrieval.backend)
         feedback = FeedbackFanout(scorer, reasoner, settings.server.feedback_timeout_ms / 1000.0)
         servicer = DecisionServicer(cascade, store, info.feature_names, settings.server, service_info, feedback,
                                     feature_ranges=info.feature_ranges, validation=settings.validation,
@@ -242,11 +234,15 @@ async def run_platform(settings: Settings) -> None:
             await wait_running([settings.ray.scorer_app], settings.ray.start_timeout_s,
                                settings.ray.app_poll_interval_s)
 
-        def switched(_: ServingModel, live: ServingModel) -> None:
+        def model_metrics(live: ServingModel) -> None:
+            """What decides now, in the metrics (at start and at each switch)."""
             if metrics is not None:
                 metrics.serving(live.version, esc.policy_version, live.info.provider, live.policy.band_low,
                                 live.policy.band_high, live.info.target_escalation_share,
                                 lambda: servicer.active_decisions)
+
+        def switched(_: ServingModel, live: ServingModel) -> None:
+            model_metrics(live)
             _write_state(settings, server.port, live.info, live.policy, metrics_port)
 
         switcher = ModelSwitcher(selection, scorer, apply_versions, registry, esc, settings.ray.scorer_info_timeout_s,
@@ -257,8 +253,7 @@ async def run_platform(settings: Settings) -> None:
                                                                esc.policy_version))
         metrics_port = None
         if metrics is not None:
-            metrics.serving(info.model_version, esc.policy_version, info.provider, policy.band_low, policy.band_high,
-                            info.target_escalation_share, lambda: servicer.active_decisions)
+            model_metrics(selection.live)
             metrics_port = await asyncio.to_thread(metrics.start_server, settings.security)
         await server.start()
         await stage_health.attach(server.health, breakers)

@@ -37,12 +37,13 @@ from riskcascade.core.domain import Action, DegradedCause, FastScore, Outcome, R
 from riskcascade.core.entity_state import LabelEvent
 from riskcascade.core.merge import MergeRules, merge
 from riskcascade.core.model_card import load_model_card
-from riskcascade.core.policy import EscalationPolicy, Route, escalation_policy
+from riskcascade.core.policy import EscalationPolicy, Route
 from riskcascade.core.shadow import (  # noqa: F401 - the three sources a row names, re-exported beside the fourth
     FROM_FAST_MODEL,
     FROM_LIVE_REASONER,
     FROM_UNDECIDED,
     candidate_action,
+    candidate_policy,
 )
 
 PER_DECISIONS = 1000  # costs are reported per 1,000 decisions
@@ -112,14 +113,29 @@ class BacktestResult:
     files: tuple[Path, ...]
 
 
+def open_store_read_only(store_path: Path) -> sqlite3.Connection:
+    """The decision store, read-only: the live writer is never touched."""
+    if not Path(store_path).is_file():
+        raise BacktestError(f"no decision store at {store_path} (store.sqlite_path)")
+    return sqlite3.connect(f"{Path(store_path).resolve().as_uri()}?mode=ro", uri=True)
+
+
+def read_feedback(conn: sqlite3.Connection, as_of: datetime) -> list[RecordedFeedback]:
+    """The feedback recorded by ``as_of``, in arrival order."""
+    feedback = [
+        RecordedFeedback(request_id, outcome == Outcome.FRAUD.value, when)
+        for request_id, outcome, recorded_at in conn.execute("SELECT request_id, outcome, recorded_at FROM feedback")
+        if (when := _utc(datetime.fromisoformat(recorded_at))) <= as_of
+    ]
+    return sorted(feedback, key=lambda f: f.recorded_at)
+
+
 def read_recorded_traffic(store_path: Path, until: datetime | None, as_of: datetime) -> RecordedTraffic:
     """Decisions with events up to ``until`` in event-time order, and the feedback recorded by ``as_of`` in arrival
     order, from the store opened read-only."""
     from orchestrator.validation import InvalidField, to_risk_event
 
-    if not Path(store_path).is_file():
-        raise BacktestError(f"no decision store at {store_path} (store.sqlite_path)")
-    conn = sqlite3.connect(f"{Path(store_path).resolve().as_uri()}?mode=ro", uri=True)
+    conn = open_store_read_only(store_path)
     try:
         rows = conn.execute("SELECT request_id, action, decided_by, decided_at, payload, event FROM decisions")
         decisions, without_event, unreadable = [], 0, 0
@@ -145,16 +161,10 @@ def read_recorded_traffic(store_path: Path, until: datetime | None, as_of: datet
                 fast_score=answer.fast_score if payload and answer.degraded_cause != FAST_MODEL_FAILED else None,
                 model_version=answer.model_version, policy_version=answer.policy_version,
             ))
-        feedback = [
-            RecordedFeedback(request_id, outcome == Outcome.FRAUD.value, when)
-            for request_id, outcome, recorded_at in conn.execute(
-                "SELECT request_id, outcome, recorded_at FROM feedback")
-            if (when := _utc(datetime.fromisoformat(recorded_at))) <= as_of
-        ]
+        feedback = read_feedback(conn, as_of)
     finally:
         conn.close()
     decisions.sort(key=lambda d: (d.event.occurred_at, d.event.request_id))
-    feedback.sort(key=lambda f: f.recorded_at)
     return RecordedTraffic(decisions, feedback, without_event, unreadable)
 
 
@@ -243,7 +253,8 @@ def run_backtest(
         raise BacktestError(f"no recorded decision with an event in the range (since {since}, until {until}) in "
                             f"{store_path}")
     card = load_model_card(model_dir)
-    policy = _candidate_policy(settings, card.thresholds.band_low, card.thresholds.band_high, band)
+    policy = candidate_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high,
+                              band or (None, None))
     model = FastModel(model_dir, threads=settings.model.onnx_threads, reason_count=settings.model.reason_count,
                       prefer_gpu=False)
     scores = replay_scores(model, traffic.decisions, traffic.feedback, settings.evaluation.scoring_batch_size)[first:]
@@ -264,9 +275,9 @@ def run_backtest(
             candidate_from=source,
         ))
     costs = settings.training.costs
-    live = _side([r.live_action for r in rows], [r.live_escalated for r in rows], [r.label for r in rows], costs)
-    candidate = _side([r.candidate_action for r in rows], [r.candidate_escalated for r in rows],
-                      [r.label for r in rows], costs)
+    compared_sides = compare([r.live_action for r in rows], [r.live_escalated for r in rows],
+                             [r.candidate_action for r in rows], [r.candidate_escalated for r in rows],
+                             [r.label for r in rows], costs)
     changed = [r for r in rows if r.candidate_action != r.live_action]
     report = {
         "command": command or _call(model_dir, band, since, until, as_of, store_path, review),
@@ -291,11 +302,7 @@ def run_backtest(
                    "feedback_known": len(traffic.feedback), "changed": len(changed),
                    "candidate_from": dict(Counter(r.candidate_from for r in rows))},
         "costs": {"units": "training.costs (the band rule's units)", **costs.model_dump()},
-        "live": live, "candidate": candidate,
-        "delta": {k: candidate[k] - live[k] for k in live
-                  if isinstance(live[k], (int, float)) and isinstance(candidate[k], (int, float))},
-        "transitions": {a.value: {b.value: sum(r.live_action == a.value and r.candidate_action == b.value
-                                               for r in rows) for b in Action} for a in Action},
+        **compared_sides,
         "examples": [asdict(r) for r in sorted(changed, key=lambda r: r.label is None)[: settings.backtest.examples]],
     }
     out_dir = Path(out_dir)
@@ -306,15 +313,6 @@ def run_backtest(
     if message is not None:
         message(_summary(report))
     return BacktestResult(report, rows, files)
-
-
-def _candidate_policy(settings: Settings, card_low: float, card_high: float,
-                      band: tuple[float | None, float | None] | None) -> EscalationPolicy:
-    """As the platform routes (``escalation.band_low/high`` win over the card's), then the command's override."""
-    policy = escalation_policy(settings.escalation, card_low, card_high)
-    low, high = band or (None, None)
-    return replace(policy, band_low=policy.band_low if low is None else low,
-                   band_high=policy.band_high if high is None else high)
 
 
 def _candidate_action(d: RecordedDecision, score: float, policy: EscalationPolicy, verdict: Any,
@@ -342,6 +340,23 @@ def _offline_reviews(settings: Settings, decisions: Sequence[RecordedDecision], 
     reviews = review_each(settings, cases, budget_ms, "reviewing newly escalated events", progress)
     return {decisions[i].event.request_id: merge(rules, scores[i], routes[i], review.verdict).action
             for i, review in zip(todo, reviews)}
+
+
+def compare(live_actions: Sequence[str], live_escalated: Sequence[bool], candidate_actions: Sequence[str],
+            candidate_escalated: Sequence[bool], labels: Sequence[str | None], costs: CostSettings
+            ) -> dict[str, Any]:
+    """Live and candidate side by side on the same decisions: each side's figures, their difference and the
+    live → candidate action matrix (the backtest's and the shadow report's)."""
+    live = _side(live_actions, live_escalated, labels, costs)
+    candidate = _side(candidate_actions, candidate_escalated, labels, costs)
+    return {
+        "live": live, "candidate": candidate,
+        "delta": {k: candidate[k] - live[k] for k in live
+                  if isinstance(live[k], (int, float)) and isinstance(candidate[k], (int, float))},
+        "transitions": {a.value: {b.value: sum(x == a.value and y == b.value
+                                               for x, y in zip(live_actions, candidate_actions)) for b in Action}
+                        for a in Action},
+    }
 
 
 def _side(actions: Sequence[str], escalated: Sequence[bool], labels: Sequence[str | None],

@@ -143,7 +143,6 @@ def backtest(config: str | None, version: str | None, model_dir: str | None, ban
              quiet: bool) -> None:
     """Replay recorded decisions (time order, labels as they arrived) through a candidate model or band and
     report what would have changed: actions, escalations, fraud caught, false positives, cost per 1,000."""
-    import shlex
 
     from riskcascade.backtest import BacktestError, parse_time, run_backtest
 
@@ -161,17 +160,12 @@ def backtest(config: str | None, version: str | None, model_dir: str | None, ban
             model_dir = str(ModelRegistry(settings.model.dir).path(version))
         except UnknownModelVersion as exc:
             raise click.ClickException(str(exc)) from None
-    ctx = click.get_current_context()
-    flags = {p.name: p.opts[0] for p in ctx.command.params}
-    given = [flags[name] + ("" if value is True else f" {shlex.quote(str(value))}")
-             for name, value in ctx.params.items()
-             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     try:
         run_backtest(
             settings, Path(out_dir), model_dir=Path(model_dir) if model_dir else None, band=(band_low, band_high),
             since=times["--since"], until=times["--until"], as_of=times["--as-of"],
             store_path=Path(store) if store else None, review=review, progress=not quiet,
-            command=" ".join(["riskcascade backtest", *given]), message=click.echo,
+            command=_command_line(), message=click.echo,
         )
     except (BacktestError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -682,12 +676,24 @@ def shadow_report(config: str | None, since: str | None, as_of: str | None, stor
     try:
         report = run_shadow_report(settings, Path(out_dir), since=parse_time(since), as_of=parse_time(as_of),
                                    store_path=Path(store) if store else None,
-                                   command=" ".join(["riskcascade", *sys.argv[1:]]))
+                                   command=_command_line())
     except (BacktestError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     c = report["counts"]
     click.echo(f"{c['agree']:,} of {c['decisions']:,} actions agree ({c['labelled']:,} labelled); report in "
                f"{out_dir}/shadow.md")
+
+
+def _command_line() -> str:
+    """The running command as a report records it: its name and the options given (not the defaults), quoted."""
+    import shlex
+
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    given = [flags[name] + ("" if value is True else f" {shlex.quote(str(value))}")
+             for name, value in ctx.params.items()
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    return " ".join(["riskcascade", ctx.info_name, *given])
 
 
 def _switch_running(settings: Settings, version: str, rollback: bool, reason: str) -> None:

@@ -11,16 +11,23 @@ escalations, fraud caught, false positives, cost per 1,000 decisions, the live â
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from risk.v1 import decision_pb2 as pb
-from riskcascade.backtest import BacktestError, _counted, _side, _utc, comparison_lines
+from riskcascade.backtest import (
+    BacktestError,
+    _counted,
+    _utc,
+    compare,
+    comparison_lines,
+    open_store_read_only,
+    read_feedback,
+)
 from riskcascade.core.config import Settings
-from riskcascade.core.domain import Action
+from riskcascade.core.domain import Outcome
 
 
 def run_shadow_report(settings: Settings, out_dir: Path, since: datetime | None = None,
@@ -30,19 +37,15 @@ def run_shadow_report(settings: Settings, out_dir: Path, since: datetime | None 
     ``shadow.md`` and ``shadow.json`` to ``out_dir``."""
     as_of = _utc(as_of) if as_of is not None else datetime.now(timezone.utc)
     store_path = Path(store_path or settings.store.sqlite_path)
-    if not store_path.is_file():
-        raise BacktestError(f"no decision store at {store_path} (store.sqlite_path)")
-    conn = sqlite3.connect(f"{store_path.resolve().as_uri()}?mode=ro", uri=True)
+    conn = open_store_read_only(store_path)
     try:
         rows = [(request_id, action, decided_at, payload, json.loads(shadow)) for request_id, action, decided_at,
                 payload, shadow in conn.execute("SELECT request_id, action, decided_at, payload, shadow FROM "
                                                 "decisions WHERE shadow != '' ORDER BY decided_at")
                 if since is None or _utc(datetime.fromisoformat(decided_at)) >= _utc(since)]
-        labels: dict[str, str] = {}
-        for request_id, outcome, recorded_at in conn.execute(
-                "SELECT request_id, outcome, recorded_at FROM feedback ORDER BY recorded_at"):
-            if _utc(datetime.fromisoformat(recorded_at)) <= as_of:
-                labels[request_id] = outcome  # the latest known by as_of
+        # the latest known by as_of
+        labels = {f.request_id: (Outcome.FRAUD if f.fraud else Outcome.LEGITIMATE).value
+                  for f in read_feedback(conn, as_of)}
     finally:
         conn.close()
     if not rows:
@@ -56,8 +59,6 @@ def run_shadow_report(settings: Settings, out_dir: Path, since: datetime | None 
     shadow_escalated = [bool(s["escalated"]) for *_, s in rows]
     outcome = [labels.get(request_id) for request_id, *_ in rows]
     costs = settings.training.costs
-    live = _side(live_actions, live_escalated, outcome, costs)
-    candidate = _side(shadow_actions, shadow_escalated, outcome, costs)
     report = {
         "command": command,
         "made_at": datetime.now(timezone.utc).isoformat(),
@@ -75,12 +76,7 @@ def run_shadow_report(settings: Settings, out_dir: Path, since: datetime | None 
                    "agree": sum(a == b for a, b in zip(live_actions, shadow_actions)),
                    "candidate_from": dict(Counter(s["action_from"] for *_, s in rows))},
         "costs": {"units": "training.costs (the band rule's units)", **costs.model_dump()},
-        "live": live, "candidate": candidate,
-        "delta": {k: candidate[k] - live[k] for k in live
-                  if isinstance(live[k], (int, float)) and isinstance(candidate[k], (int, float))},
-        "transitions": {a.value: {b.value: sum(x == a.value and y == b.value
-                                               for x, y in zip(live_actions, shadow_actions)) for b in Action}
-                        for a in Action},
+        **compare(live_actions, live_escalated, shadow_actions, shadow_escalated, outcome, costs),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

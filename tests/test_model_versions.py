@@ -146,7 +146,7 @@ def shelf_with(tmp_path: Path, versions: list[str]) -> tuple[ModelShelf, list[st
         loads.append(folder.name)
         return FakeModel(folder.name, float(versions.index(folder.name)), [])
 
-    return ModelShelf(registry, load), loads
+    return ModelShelf(registry, load, registry.live_dir()), loads
 
 
 def test_a_shelf_scores_each_request_with_the_version_it_names_and_loads_only_what_it_keeps(tmp_path):

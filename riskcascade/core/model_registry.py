@@ -70,14 +70,16 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         """Published versions, oldest first (by the card's creation time, then name)."""
-        if not self.versions_dir.is_dir():
-            return []
-        found = [p for p in self.versions_dir.iterdir() if p.is_dir() and (p / CARD_FILE).exists()]
-        return [p.name for p in sorted(found, key=lambda p: (load_model_card(p).created_at, p.name))]
+        return [v.version for v in self.versions()]
 
     def versions(self) -> list[ModelVersion]:
+        """Published versions with their cards (each read once), oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
         live = self.live()
-        return [ModelVersion(n, self.path(n), load_model_card(self.path(n)), n == live) for n in self.names()]
+        found = [ModelVersion(p.name, p, load_model_card(p), p.name == live)
+                 for p in self.versions_dir.iterdir() if p.is_dir() and (p / CARD_FILE).exists()]
+        return sorted(found, key=lambda v: (v.card.created_at, v.version))
 
     def path(self, version: str) -> Path:
         """The folder of ``version``; UnknownModelVersion when the registry has none."""
@@ -122,6 +124,31 @@ class ModelRegistry:
         into ``versions/<card.version>``. ``make_live``: move the pointer to it (None: only when nothing is live
         yet, so a first model serves and a later one waits for ``use``)."""
         self.adopt_flat()
+        card = self._place(write)
+        if make_live or (make_live is None and self.live() is None):
+            self.set_live(card.version, "published")
+        return card
+
+    def adopt_flat(self) -> str | None:
+        """Copy a flat model (card at the root, no pointer) into ``versions/`` and make it live; returns its
+        version, or None when there is nothing to adopt. The root's files stay (a platform may be serving them)."""
+        if self.live() is not None or not (self.root / CARD_FILE).exists():
+            return None
+        card = load_model_card(self.root)
+        if not (self.versions_dir / card.version).exists():
+            self._place(self._copy_flat)
+        self.set_live(card.version, "adopted from the flat layout")
+        return card.version
+
+    def _copy_flat(self, staging: Path) -> ModelCard:
+        for item in self.root.iterdir():
+            if item.is_file() and not item.name.startswith("."):
+                shutil.copy2(item, staging / item.name)
+        return load_model_card(staging)
+
+    def _place(self, write: Callable[[Path], ModelCard]) -> ModelCard:
+        """Fill a staging folder beside ``versions/`` with ``write`` (which returns the card), make it durable and
+        rename it into ``versions/<card.version>``: whole or not at all, nothing left behind on failure."""
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
         try:
@@ -135,31 +162,7 @@ class ModelRegistry:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if make_live or (make_live is None and self.live() is None):
-            self.set_live(card.version, "published")
         return card
-
-    def adopt_flat(self) -> str | None:
-        """Copy a flat model (card at the root, no pointer) into ``versions/`` and make it live; returns its
-        version, or None when there is nothing to adopt. The root's files stay (a platform may be serving them)."""
-        if self.live() is not None or not (self.root / CARD_FILE).exists():
-            return None
-        card = load_model_card(self.root)
-        target = self.versions_dir / card.version
-        if not target.exists():
-            self.versions_dir.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
-            try:
-                for item in self.root.iterdir():
-                    if item.is_file() and not item.name.startswith("."):
-                        shutil.copy2(item, staging / item.name)
-                _fsync_tree(staging)
-                os.rename(staging, target)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-        self.set_live(card.version, "adopted from the flat layout")
-        return card.version
 
     def set_live(self, version: str, reason: str) -> Switch:
         """Point at ``version`` (which must be published), recording when and why."""

@@ -10,12 +10,25 @@ decision says which of the three it was (``action_from``), so a report can keep 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from riskcascade.core.config import EscalationSettings
 from riskcascade.core.domain import Action, ShadowDecision
-from riskcascade.core.policy import EscalationPolicy
+from riskcascade.core.policy import EscalationPolicy, escalation_policy
 
 FROM_FAST_MODEL = "fast_model"  # outside the band: the candidate model decided
 FROM_LIVE_REASONER = "live_reasoner"  # escalated by both: the live cascade's outcome
 FROM_UNDECIDED = "undecided"  # escalated by the candidate only: the undecided action
+
+
+def candidate_policy(escalation: EscalationSettings, card_low: float, card_high: float,
+                     band: tuple[float | None, float | None] = (None, None)) -> EscalationPolicy:
+    """A candidate's band as the platform would route it (``escalation.band_low/high`` win over the card's), then
+    ``band``'s edges (either may be None) over both."""
+    policy = escalation_policy(escalation, card_low, card_high)
+    low, high = band
+    return replace(policy, band_low=policy.band_low if low is None else low,
+                   band_high=policy.band_high if high is None else high)
 
 
 def candidate_action(score: float, policy: EscalationPolicy, live_escalated: bool, live_action: Action,

@@ -104,7 +104,8 @@ class FastScorer:
         config = settings_from_wire(settings)
         configure_tracing(config.tracing, "scorer")
         registry = ModelRegistry(config.model.dir)
-        self._state = open_model_state(config)
+        live_dir = registry.live_dir()  # read once: the state's layout and the first model are the same version's
+        self._state = open_model_state(config, live_dir)
         self._shelf = ModelShelf(registry, lambda folder: FastModel(
             folder,
             threads=config.model.onnx_threads,
@@ -114,7 +115,7 @@ class FastScorer:
             reported_state_features=config.model.reported_state_features,
             reasons_for=config.model.reasons_for,
             drift_window=config.drift.window_events if config.drift.enabled else 0,
-        ))
+        ), live_dir)
         self._loading: asyncio.Task[None] | None = None  # a reconfigure's model load, in the background
         self._arrivals = ArrivalGate()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
@@ -178,9 +179,6 @@ class FastScorer:
             return (await asyncio.to_thread(self._shelf.model, version)).info
         return self._shelf.model(version).info
 
-    async def loaded_versions(self) -> tuple[str, ...]:
-        return self._shelf.loaded
-
     async def ping(self, _: object = None) -> bool:
         """Liveness for the orchestrator's stage probe: answered on the replica's loop, no model work."""
         return True
@@ -211,9 +209,9 @@ def _log_failed_load(task: "asyncio.Task[None]") -> None:
         log.error("loading model versions failed: %s", task.exception())
 
 
-def open_model_state(config: Any) -> Any:
-    """The live entity state for the live model of ``config.model.dir`` (None when the model has none)."""
+def open_model_state(config: Any, model_dir: Any) -> Any:
+    """The live entity state for the model in ``model_dir`` (None when the model has none)."""
     from riskcascade.core.features import FeatureLayout
 
-    layout = FeatureLayout.load(ModelRegistry(config.model.dir).live_dir()).state
+    layout = FeatureLayout.load(model_dir).state
     return open_entity_state(config.state, layout) if layout is not None else None

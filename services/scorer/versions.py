@@ -29,12 +29,11 @@ class ModelShelf:
     """Loaded FastModels by version. ``load(folder)`` builds one (the deployment passes its settings and the shared
     state). Reads are lock-free (the mapping is replaced, never changed in place); loads take a lock."""
 
-    def __init__(self, registry: ModelRegistry, load: Callable[[Path], object]):
+    def __init__(self, registry: ModelRegistry, load: Callable[[Path], object], first_dir: Path):
         self._registry = registry
         self._load = load
         self._lock = threading.Lock()
-        live_dir = registry.live_dir()
-        first = load(live_dir)
+        first = load(first_dir)
         self.default: str = first.card.version  # type: ignore[attr-defined]
         self._models: Mapping[str, object] = {self.default: first}
 
@@ -64,9 +63,9 @@ class ModelShelf:
         log.info("loaded model version %s", version)
         return model
 
-    def keep(self, versions: Sequence[str], default: str | None = None) -> None:
-        """Load every version of ``versions`` not loaded yet, then drop the others; ``default`` (else the first)
-        answers requests that name none. Blocking (file reads, ONNX sessions): call it from a thread."""
+    def keep(self, versions: Sequence[str]) -> None:
+        """Load every version of ``versions`` not loaded yet, then drop the others; the first answers requests
+        that name none. Blocking (file reads, ONNX sessions): call it from a thread."""
         if not versions:
             raise ValueError("keep at least one model version")
         with self._lock:
@@ -75,7 +74,7 @@ class ModelShelf:
                 if version not in models:
                     models[version] = self._load_version(version)
             self._models = {v: models[v] for v in versions}
-            self.default = default or versions[0]
+            self.default = versions[0]
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[FastScore]:
         """Score each request with the version it names, in order within each version (one run per version), and
