@@ -10,7 +10,13 @@ Plain logic with an injectable clock, no Ray or gRPC. States:
 A call that was let through gets a Permit and must settle it exactly once with ``success()``, ``failure()`` or
 ``release()`` (the caller gave up for its own reasons: neither). Background pings (``record_probe``) count like calls, so a stage
 that dies while no traffic reaches it is noticed, and one that comes back is closed again without waiting for a
-client to probe it. ``on_change(name, state)`` is called on every transition (health status, metrics, logs).
+client to probe it. ``on_change(name, state)`` is called on every transition (health status, metrics, logs);
+``on_trip(name, open_s, error)`` only when the breaker's own failures open the circuit (so it can be told to other
+orchestrators, orchestrator/shared_limits.py).
+
+``force_open(for_s, reason)`` opens the circuit from outside (another orchestrator saw the stage fail): it stays
+OPEN for ``for_s`` whatever the calls and pings here say, then goes HALF_OPEN and closes by this breaker's own
+probes, as after its own opening. No Redis here: the shared part feeds this through those two hooks.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class CircuitBreaker:
         half_open_probes: int = 1,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[str, CircuitState], None] | None = None,
+        on_trip: Callable[[str, float, str], None] | None = None,
     ):
         if failure_threshold < 1 or half_open_probes < 1 or open_s <= 0:
             raise ValueError("failure_threshold and half_open_probes must be >= 1 and open_s > 0")
@@ -56,15 +63,17 @@ class CircuitBreaker:
         self._max_probes = half_open_probes
         self._clock = clock
         self._on_change = on_change
+        self._on_trip = on_trip
         self._state = CircuitState.CLOSED
         self._failures = 0
-        self._opened_at = 0.0
+        self._reopen_at = 0.0  # while OPEN: when it turns HALF_OPEN
+        self._held_until = float("-inf")  # a forced opening: no success closes the circuit before this
         self._probes = 0
         self.last_error = ""
 
     @property
     def state(self) -> CircuitState:
-        if self._state is CircuitState.OPEN and self._clock() - self._opened_at >= self._open_s:
+        if self._state is CircuitState.OPEN and self._clock() >= self._reopen_at:
             self._set(CircuitState.HALF_OPEN)
         return self._state
 
@@ -82,12 +91,12 @@ class CircuitBreaker:
         """Time until an open circuit lets a probe through (0 when not open)."""
         if self.state is not CircuitState.OPEN:
             return 0.0
-        return max(0.0, self._open_s - (self._clock() - self._opened_at))
+        return max(0.0, self._reopen_at - self._clock())
 
     def success(self, permit: Permit | None = None) -> None:
         self._settle(permit)
         self._failures = 0
-        if self._state is not CircuitState.CLOSED:
+        if self._state is not CircuitState.CLOSED and self._clock() >= self._held_until:
             self._set(CircuitState.CLOSED)
 
     def failure(self, error: str = "", permit: Permit | None = None) -> None:
@@ -97,8 +106,24 @@ class CircuitBreaker:
         if self._state is CircuitState.HALF_OPEN or (
             self._state is CircuitState.CLOSED and self._failures >= self._threshold
         ):
-            self._opened_at = self._clock()
+            self._reopen_at = self._clock() + self._open_s
             self._set(CircuitState.OPEN)
+            if self._on_trip is not None:
+                self._on_trip(self.name, self._open_s, error)
+
+    def force_open(self, for_s: float, reason: str) -> None:
+        """Hold the circuit OPEN for ``for_s`` from now (an opening seen elsewhere); an open circuit that would
+        reopen later keeps its own time. Does not call ``on_trip``: the opening is not this breaker's news."""
+        if for_s <= 0:
+            return
+        until = self._clock() + for_s
+        self._held_until = max(self._held_until, until)
+        if self.state is CircuitState.OPEN:
+            self._reopen_at = max(self._reopen_at, until)
+            return
+        self._reopen_at = until
+        self.last_error = reason
+        self._set(CircuitState.OPEN)
 
     def release(self, permit: Permit | None = None) -> None:
         """The call was abandoned by its caller (cancelled): it says nothing about the stage."""

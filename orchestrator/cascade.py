@@ -11,11 +11,14 @@ has its circuit open becomes an explicit degraded decision (the failure policy o
 
 Escalations are bounded twice: ``max_in_flight`` across all callers, and ``max_per_call`` for one call (a
 DecideBatch shares one CallBudget among its items), so one large batch cannot take the reasoner from everyone.
+The first is an EscalationBudget: this process's count (LocalEscalationBudget, the default), or one budget shared
+by several orchestrators (orchestrator/shared_limits.py), whose slots are leases an escalation may not outlive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -36,7 +39,7 @@ from riskcascade.core.domain import (
     StageTiming,
 )
 from riskcascade.core.merge import MergedVerdict, MergeRules, fast_model_failed, merge
-from riskcascade.core.policy import Route
+from riskcascade.core.policy import Route, RoutingDecision
 from riskcascade.core.shadow import shadow_decision
 from riskcascade.core.telemetry import current_trace_id, span
 
@@ -76,6 +79,64 @@ class CallBudget:
         self.escalations_left = escalations
 
 
+@dataclass(frozen=True)
+class EscalationSlot:
+    """Leave to run one escalation. ``token`` names a shared slot ("" for one counted in this process only);
+    ``max_s`` is how long the escalation may run at most (a shared slot is a lease that then ends)."""
+
+    token: str = ""
+    max_s: float = math.inf
+
+
+@dataclass(frozen=True)
+class Busy:
+    """No slot: ``in_flight`` escalations were running (as counted where the budget lives)."""
+
+    in_flight: int
+
+
+class EscalationBudget(Protocol):
+    """Escalations running at once across all callers (``escalation.max_in_flight``)."""
+
+    @property
+    def in_flight(self) -> int:
+        """Escalations this process runs now (what routing sees before asking for a slot)."""
+        ...
+
+    async def acquire(self) -> EscalationSlot | Busy:
+        """A slot, or Busy. Bounded in time: never waits long, whatever backs the budget."""
+        ...
+
+    def release(self, slot: EscalationSlot) -> None:
+        """Give a slot back; never waits (a remote release runs in the background)."""
+        ...
+
+
+class LocalEscalationBudget:
+    """The budget counted in this process. ``limit`` None: the escalation policy's ``max_in_flight`` alone bounds
+    it (routing checks ``in_flight`` against it with no await in between, so the check and the count agree)."""
+
+    def __init__(self, limit: int | None = None):
+        self._limit = limit
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def take(self) -> EscalationSlot | Busy:
+        if self._limit is not None and self._in_flight >= self._limit:
+            return Busy(self._in_flight)
+        self._in_flight += 1
+        return EscalationSlot()
+
+    async def acquire(self) -> EscalationSlot | Busy:
+        return self.take()
+
+    def release(self, slot: EscalationSlot) -> None:
+        self._in_flight -= 1
+
+
 class Cascade:
     def __init__(
         self,
@@ -89,6 +150,7 @@ class Cascade:
         scorer_breaker: CircuitBreaker,
         reasoner_breaker: CircuitBreaker,
         max_escalations_per_call: int,
+        escalation_budget: EscalationBudget | None = None,
     ):
         self._scorer = scorer
         self._reasoner = reasoner
@@ -100,7 +162,12 @@ class Cascade:
         self.scorer_breaker = scorer_breaker
         self.reasoner_breaker = reasoner_breaker
         self.max_escalations_per_call = max_escalations_per_call
-        self.escalations_in_flight = 0
+        self.escalation_budget: EscalationBudget = escalation_budget or LocalEscalationBudget()
+
+    @property
+    def escalations_in_flight(self) -> int:
+        """Escalations this process runs now."""
+        return self.escalation_budget.in_flight
 
     async def decide(self, event: RiskEvent, deadline: float, call: CallBudget | None = None,
                      model: ServingModel | None = None) -> Decision:
@@ -127,15 +194,10 @@ class Cascade:
         timings.append(StageTiming("fast_model", _ms_since(t)))
 
         if fast is not None:
-            routing = model.policy.route(
-                fast.score, (deadline - time.monotonic()) * 1000.0, self.escalations_in_flight,
-                call.escalations_left,
-            )
-            if routing.route is Route.ESCALATE:
-                call.escalations_left -= 1
+            routing, slot = await self._route(model, fast, deadline, call)
             verdict, error = None, ""
-            if routing.route is Route.ESCALATE:
-                verdict, error = await self._escalate(event, fast, deadline, timings)
+            if slot is not None:
+                verdict, error = await self._escalate(event, fast, deadline, timings, slot)
             t = time.monotonic()
             with span("cascade.merge", route=routing.route.value):
                 merged = merge(self._rules, fast, routing, verdict, error)
@@ -160,13 +222,29 @@ class Cascade:
         return shadow_decision(shadow.model.version, shadow.policy_version, score, shadow.model.policy,
                                live.escalated, live.action, self._rules.undecided_action)
 
+    async def _route(self, model: ServingModel, fast: FastScore, deadline: float, call: CallBudget
+                     ) -> tuple[RoutingDecision, EscalationSlot | None]:
+        """The policy's route, and the escalation slot when it escalates. The call's budget is taken before the
+        slot is asked for (items of one batch may ask at once) and given back when the budget has no slot."""
+        remaining_ms = (deadline - time.monotonic()) * 1000.0
+        routing = model.policy.route(fast.score, remaining_ms, self.escalations_in_flight, call.escalations_left)
+        if routing.route is not Route.ESCALATE:
+            return routing, None
+        call.escalations_left -= 1
+        slot = await self.escalation_budget.acquire()
+        if isinstance(slot, EscalationSlot):
+            return routing, slot
+        call.escalations_left += 1
+        # the budget is full: the policy words it (at least its own limit, whatever count the budget saw)
+        busy = max(slot.in_flight, model.policy.max_in_flight)
+        return model.policy.route(fast.score, remaining_ms, busy, call.escalations_left), None
+
     async def _escalate(
-        self, event: RiskEvent, fast: FastScore, deadline: float, timings: list[StageTiming]
+        self, event: RiskEvent, fast: FastScore, deadline: float, timings: list[StageTiming], slot: EscalationSlot
     ) -> tuple[ReasonerVerdict | None, str]:
-        self.escalations_in_flight += 1
         t = time.monotonic()
         try:
-            budget_s = self._budget_s(deadline)
+            budget_s = min(self._budget_s(deadline), slot.max_s)
             verdict = await self._guarded(
                 self.reasoner_breaker, "reasoner", self._reasoner.reason,
                 ReasoningRequest(event=event, fast_score=fast, budget_ms=budget_s * 1000.0), budget_s,
@@ -175,7 +253,7 @@ class Cascade:
         except StageError as exc:
             return None, str(exc)
         finally:
-            self.escalations_in_flight -= 1
+            self.escalation_budget.release(slot)
             timings.append(StageTiming("reasoner", _ms_since(t)))
 
     def _budget_s(self, deadline: float) -> float:

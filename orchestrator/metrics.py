@@ -97,7 +97,13 @@ class GatewayMetrics:
             "riskcascade_shadow_decisions", "Live decisions with a shadow candidate's, by the live and the candidate's "
             "action (riskcascade model shadow)", ["live_action", "shadow_action"], registry=r,
         )
+        self.shared_outages = Counter(
+            "riskcascade_shared_limits_outages", "Times the shared Redis (shared.redis_url) failed and the escalation "
+            "budget or the circuits fell back to this process's own, by part", ["part"], registry=r,
+        )
         # Known label values start at 0, so rate() and `> 0` alerts see a series before its first event.
+        for part in ("budget", "circuit"):
+            self.shared_outages.labels(part)
         for live in Action:
             for candidate in Action:
                 self.shadow.labels(live.value, candidate.value)
@@ -153,6 +159,9 @@ class GatewayMetrics:
         short = method.rsplit("/", 1)[-1]
         self.rpcs.labels(short, code).inc()
         self.rpc_latency.labels(short).observe(seconds)
+
+    def observe_shared_outage(self, part: str) -> None:
+        self.shared_outages.labels(part).inc()
 
     def circuit_changed(self, stage: str, state: str) -> None:
         self.circuit_state.labels(stage).set(CIRCUIT_STATE_VALUES[state])

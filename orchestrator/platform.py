@@ -43,6 +43,25 @@ def serve_config_with_settings(settings: Settings) -> dict[str, Any]:
     wire = settings.to_wire()
     for app in config.get("applications", []):
         app["args"] = {"settings": wire}
+    return with_stage_resources(config, settings)
+
+
+def with_stage_resources(config: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """``config`` with ray.scorer_resources / ray.reasoner_resources merged into the ``ray_actor_options.resources``
+    of every deployment of the scorer / reasoner application (a configured resource wins over the file's), so each
+    stage's replicas are placed only on nodes that advertise those custom resources. Changes ``config`` in place."""
+    placement = {settings.ray.scorer_app: settings.ray.scorer_resources,
+                 settings.ray.reasoner_app: settings.ray.reasoner_resources}
+    for app in config.get("applications", []):
+        resources = placement.get(app.get("name"))
+        if not resources:
+            continue
+        if not app.get("deployments"):
+            raise PlatformError(f"the {app['name']} application in {settings.ray.serve_config} lists no deployment "
+                                "to place by ray resources (list its deployments by name)")
+        for deployment in app["deployments"]:
+            options = deployment.setdefault("ray_actor_options", {})
+            options["resources"] = {**(options.get("resources") or {}), **resources}
     return config
 
 
@@ -155,7 +174,7 @@ async def run_platform(settings: Settings) -> None:
     from ray import serve  # noqa: F401 - imported after the environment is set
 
     from orchestrator.breaker import CircuitBreaker
-    from orchestrator.cascade import Cascade, StageLimits
+    from orchestrator.cascade import Cascade, LocalEscalationBudget, StageLimits
     from orchestrator.feedback import FeedbackFanout
     from orchestrator.health import StageHealth
     from orchestrator.metrics import GatewayMetrics
@@ -164,7 +183,7 @@ async def run_platform(settings: Settings) -> None:
     from orchestrator.server import DecisionServer
     from orchestrator.servicer import DecisionServicer
     from orchestrator.stages import ServeReasonerStage, ServeScorerStage
-    from orchestrator.store import DecisionStore
+    from orchestrator.store import open_decision_store, sweep_retention
     from risk.v1 import decision_pb2 as pb
     from riskcascade.core.merge import MergeRules
     from riskcascade.core.model_registry import ModelRegistry
@@ -176,7 +195,9 @@ async def run_platform(settings: Settings) -> None:
     owns_ray = False
     server = None
     store = None
+    retention = None
     stage_health = None
+    shared = None  # escalation budget and circuit openings shared with other orchestrators (shared.redis_url)
     metrics = GatewayMetrics(settings.metrics) if settings.metrics.enabled else None
     try:
         owns_ray = _start_ray(settings)
@@ -200,9 +221,16 @@ async def run_platform(settings: Settings) -> None:
             if metrics is not None:
                 metrics.circuit_changed(name, state.value)
 
+        if settings.shared.redis_url:
+            from orchestrator.shared_limits import SharedLimits
+
+            shared = SharedLimits.connect(settings.shared, esc.max_in_flight,
+                                          metrics.observe_shared_outage if metrics is not None else None)
+            log.warning("escalation budget and circuit openings shared through Redis under %s:* as %s",
+                        settings.shared.key_prefix, shared.owner)
         breakers = {
             name: CircuitBreaker(name, res.breaker_failures, res.breaker_open_s, res.breaker_half_open_probes,
-                                 on_change=circuit_changed)
+                                 on_change=circuit_changed, on_trip=shared.circuits.tripped if shared else None)
             for name in ("fast_model", "reasoner")
         }
         cascade = Cascade(
@@ -216,11 +244,11 @@ async def run_platform(settings: Settings) -> None:
             breakers["fast_model"],
             breakers["reasoner"],
             esc.max_per_call,
+            shared.budget if shared else LocalEscalationBudget(esc.max_in_flight),
         )
-        store = DecisionStore(
-            settings.store.sqlite_path, settings.store.synchronous, settings.store.max_group_commit,
-            settings.store.max_pending_writes, settings.store.read_threads, settings.store.max_read_batch,
-        )
+        store = await asyncio.to_thread(open_decision_store, settings.store)  # a database server is network I/O
+        if settings.store.retention_s > 0:
+            retention = asyncio.create_task(sweep_retention(store, settings.store), name="store-retention")
         # the model's fields (version, provider, band, features) come from the live ServingModel at each call
         service_info = pb.ServiceInfo(policy_version=esc.policy_version, retrieval_backend=settings.retrieval.backend)
         feedback = FeedbackFanout(scorer, reasoner, settings.server.feedback_timeout_ms / 1000.0)
@@ -261,6 +289,8 @@ async def run_platform(settings: Settings) -> None:
             {"fast_model": scorer.ping, "reasoner": reasoner.ping}, breakers, res.probe_interval_s,
             res.probe_timeout_ms / 1000.0,
         )
+        if shared is not None:
+            shared.circuits.start(breakers)
         _write_state(settings, server.port, info, policy, metrics_port)
         log.warning(
             "riskcascade serving risk.v1.DecisionService on %s:%d | model %s on %s (%s) | band [%.3f, %.3f)%s",
@@ -275,10 +305,14 @@ async def run_platform(settings: Settings) -> None:
             await stage_health.stop()
         if server is not None:
             await server.stop(settings.server.shutdown_grace_s)
+        if shared is not None:  # after the calls in flight gave their escalation slots back
+            await shared.close()
         if metrics is not None:
             metrics.stop_server()
+        if retention is not None:
+            retention.cancel()
         if store is not None:
-            store.close()
+            await asyncio.to_thread(store.close)  # the writer commits what is queued first
         _clear_state(settings)
         await _stop_ray(settings, owns_ray)
         shutdown_tracing()

@@ -41,6 +41,7 @@ from orchestrator.store import (
     FeedbackRecord,
     StoreBusyError,
     StoreClosedError,
+    StoreUnavailableError,
     shadow_json,
     utc_now,
 )
@@ -181,7 +182,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             except StoreBusyError as exc:
                 raise ApiError(grpc.StatusCode.UNAVAILABLE, f"feedback not persisted: {exc}",
                                retry_after_ms=self._settings.shed_retry_after_ms) from exc
-            except (StoreClosedError, OSError) as exc:
+            except (StoreClosedError, StoreUnavailableError, OSError) as exc:
                 raise ApiError(grpc.StatusCode.UNAVAILABLE, f"feedback could not be persisted: {exc}") from exc
             if not inserted and (stored.request_id, stored.outcome, stored.risk_type, stored.note) != (
                 record.request_id, record.outcome, record.risk_type, record.note
@@ -269,7 +270,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
     async def _read(self, request_id: str) -> DecisionRecord | None:
         try:
             return await self._store.aget_decision(request_id)
-        except (StoreClosedError, OSError) as exc:
+        except (StoreClosedError, StoreUnavailableError, OSError) as exc:
             raise ApiError(grpc.StatusCode.UNAVAILABLE, f"decision store unavailable: {exc}") from exc
 
     # -- the decision path ----------------------------------------------------------------------------------

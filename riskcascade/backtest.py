@@ -23,7 +23,6 @@ band rule's (``training.costs``: an escalation, a missed fraud, a wrongly blocke
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from orchestrator.store import connect_read_only, shown_location, store_location
 from risk.v1 import decision_pb2 as pb
 from riskcascade.core.config import CostSettings, Settings
 from riskcascade.core.domain import Action, DegradedCause, FastScore, Outcome, RiskEvent, ScoreRequest, Stage
@@ -113,14 +113,15 @@ class BacktestResult:
     files: tuple[Path, ...]
 
 
-def open_store_read_only(store_path: Path) -> sqlite3.Connection:
-    """The decision store, read-only: the live writer is never touched."""
-    if not Path(store_path).is_file():
-        raise BacktestError(f"no decision store at {store_path} (store.sqlite_path)")
-    return sqlite3.connect(f"{Path(store_path).resolve().as_uri()}?mode=ro", uri=True)
+def open_store_read_only(store: Path | str) -> Any:
+    """The decision store (a SQLite file or a PostgreSQL URL), read-only: the live writers are never touched."""
+    try:
+        return connect_read_only(store)
+    except FileNotFoundError as exc:
+        raise BacktestError(f"{exc} (store.url, store.sqlite_path)") from None
 
 
-def read_feedback(conn: sqlite3.Connection, as_of: datetime) -> list[RecordedFeedback]:
+def read_feedback(conn: Any, as_of: datetime) -> list[RecordedFeedback]:
     """The feedback recorded by ``as_of``, in arrival order."""
     feedback = [
         RecordedFeedback(request_id, outcome == Outcome.FRAUD.value, when)
@@ -130,12 +131,12 @@ def read_feedback(conn: sqlite3.Connection, as_of: datetime) -> list[RecordedFee
     return sorted(feedback, key=lambda f: f.recorded_at)
 
 
-def read_recorded_traffic(store_path: Path, until: datetime | None, as_of: datetime) -> RecordedTraffic:
+def read_recorded_traffic(store: Path | str, until: datetime | None, as_of: datetime) -> RecordedTraffic:
     """Decisions with events up to ``until`` in event-time order, and the feedback recorded by ``as_of`` in arrival
     order, from the store opened read-only."""
     from orchestrator.validation import InvalidField, to_risk_event
 
-    conn = open_store_read_only(store_path)
+    conn = open_store_read_only(store)
     try:
         rows = conn.execute("SELECT request_id, action, decided_by, decided_at, payload, event FROM decisions")
         decisions, without_event, unreadable = [], 0, 0
@@ -229,7 +230,7 @@ def run_backtest(
     since: datetime | None = None,
     until: datetime | None = None,
     as_of: datetime | None = None,
-    store_path: Path | None = None,
+    store: Path | str | None = None,
     review: bool = False,
     progress: bool = True,
     command: str | None = None,
@@ -244,14 +245,14 @@ def run_backtest(
     as_of = _utc(as_of) if as_of is not None else datetime.now(timezone.utc)
     since, until = (_utc(t) if t is not None else None for t in (since, until))
     model_dir = Path(model_dir) if model_dir is not None else live_model_dir(settings.model.dir)
-    store_path = Path(store_path or settings.store.sqlite_path)
-    traffic = read_recorded_traffic(store_path, until, as_of)
+    store = store or store_location(settings.store)
+    traffic = read_recorded_traffic(store, until, as_of)
     first = next((i for i, d in enumerate(traffic.decisions) if since is None or d.event.occurred_at >= since),
                  len(traffic.decisions))
     compared = traffic.decisions[first:]
     if not compared:
         raise BacktestError(f"no recorded decision with an event in the range (since {since}, until {until}) in "
-                            f"{store_path}")
+                            f"{shown_location(store)}")
     card = load_model_card(model_dir)
     policy = candidate_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high,
                               band or (None, None))
@@ -280,9 +281,9 @@ def run_backtest(
                              [r.label for r in rows], costs)
     changed = [r for r in rows if r.candidate_action != r.live_action]
     report = {
-        "command": command or _call(model_dir, band, since, until, as_of, store_path, review),
+        "command": command or _call(model_dir, band, since, until, as_of, store, review),
         "made_at": datetime.now(timezone.utc).isoformat(),
-        "store": str(store_path),
+        "store": shown_location(store),
         "protocol": PROTOCOL,
         "range": {"from": rows[0].occurred_at, "to": rows[-1].occurred_at,
                   "since": since.isoformat() if since else None, "until": until.isoformat() if until else None,
@@ -453,7 +454,7 @@ def _shown(key: str, value: float | None, signed: bool = False) -> str:
 def _call(model_dir: Path, band: Any, since: Any, until: Any, as_of: datetime, store: Path, review: bool) -> str:
     """How a backtest run from Python (not the command) was asked for, for the report's first line."""
     return (f"run_backtest(model_dir={str(model_dir)!r}, band={band!r}, since={since and since.isoformat()!r}, "
-            f"until={until and until.isoformat()!r}, as_of={as_of.isoformat()!r}, store={str(store)!r}, "
+            f"until={until and until.isoformat()!r}, as_of={as_of.isoformat()!r}, store={shown_location(store)!r}, "
             f"review={review})")
 
 

@@ -129,8 +129,9 @@ def drift(config: str | None, events_file: str | None, split: str | None, out_di
 @click.option("--since", default=None, help="first event time compared (ISO 8601; UTC if no zone)")
 @click.option("--until", default=None, help="last event time replayed (ISO 8601; UTC if no zone)")
 @click.option("--as-of", "as_of", default=None, help="labels known by this time (ISO 8601)  [default: now]")
-@click.option("--store", "store", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="the decision store to replay  [default: store.sqlite_path]")
+@click.option("--store", "store", default=None,
+              help="the decision store to replay: a SQLite file or a PostgreSQL URL  [default: store.url, else "
+              "store.sqlite_path]")
 @click.option("--review", is_flag=True,
               help="review the events only the candidate escalates with the reasoner offline (needs `index`); "
               "otherwise they count as merge.undecided_action")
@@ -164,7 +165,7 @@ def backtest(config: str | None, version: str | None, model_dir: str | None, ban
         run_backtest(
             settings, Path(out_dir), model_dir=Path(model_dir) if model_dir else None, band=(band_low, band_high),
             since=times["--since"], until=times["--until"], as_of=times["--as-of"],
-            store_path=Path(store) if store else None, review=review, progress=not quiet,
+            store=_store_option(store), review=review, progress=not quiet,
             command=_command_line(), message=click.echo,
         )
     except (BacktestError, FileNotFoundError, ValueError) as exc:
@@ -664,8 +665,9 @@ def _call_models(settings: Settings, method: str, request: object) -> object:
 @config_option
 @click.option("--since", default=None, help="first decision time compared (ISO 8601; UTC if no zone)")
 @click.option("--as-of", "as_of", default=None, help="labels known by this time (ISO 8601)  [default: now]")
-@click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="the decision store  [default: store.sqlite_path]")
+@click.option("--store", default=None,
+              help="the decision store: a SQLite file or a PostgreSQL URL  [default: store.url, else "
+              "store.sqlite_path]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/shadow", show_default=True)
 def shadow_report(config: str | None, since: str | None, as_of: str | None, store: str | None, out_dir: str) -> None:
     """The shadow candidate's recorded decisions against the live ones and the outcomes known."""
@@ -675,8 +677,7 @@ def shadow_report(config: str | None, since: str | None, as_of: str | None, stor
     settings = _settings(config)
     try:
         report = run_shadow_report(settings, Path(out_dir), since=parse_time(since), as_of=parse_time(as_of),
-                                   store_path=Path(store) if store else None,
-                                   command=_command_line())
+                                   store=_store_option(store), command=_command_line())
     except (BacktestError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     c = report["counts"]
@@ -684,13 +685,25 @@ def shadow_report(config: str | None, since: str | None, as_of: str | None, stor
                f"{out_dir}/shadow.md")
 
 
+def _store_option(store: str | None) -> Path | str | None:
+    """``--store``: a PostgreSQL URL as given, a SQLite file as a path; None = the config's store."""
+    from orchestrator.store import is_database_url
+
+    if store is None:
+        return None
+    return store if is_database_url(store) else Path(store)
+
+
 def _command_line() -> str:
-    """The running command as a report records it: its name and the options given (not the defaults), quoted."""
+    """The running command as a report records it: its name and the options given (not the defaults), quoted; a
+    store URL's password masked."""
     import shlex
+
+    from orchestrator.store import shown_location
 
     ctx = click.get_current_context()
     flags = {p.name: p.opts[0] for p in ctx.command.params}
-    given = [flags[name] + ("" if value is True else f" {shlex.quote(str(value))}")
+    given = [flags[name] + ("" if value is True else f" {shlex.quote(shown_location(value))}")
              for name, value in ctx.params.items()
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     return " ".join(["riskcascade", ctx.info_name, *given])

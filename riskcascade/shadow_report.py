@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from orchestrator.store import shown_location, store_location
 from risk.v1 import decision_pb2 as pb
 from riskcascade.backtest import (
     BacktestError,
@@ -31,13 +32,13 @@ from riskcascade.core.domain import Outcome
 
 
 def run_shadow_report(settings: Settings, out_dir: Path, since: datetime | None = None,
-                      as_of: datetime | None = None, store_path: Path | None = None,
+                      as_of: datetime | None = None, store: Path | str | None = None,
                       command: str = "riskcascade shadow-report") -> dict[str, Any]:
     """Compare the recorded shadow decisions (decided at or after ``since``) with the live ones; write
     ``shadow.md`` and ``shadow.json`` to ``out_dir``."""
     as_of = _utc(as_of) if as_of is not None else datetime.now(timezone.utc)
-    store_path = Path(store_path or settings.store.sqlite_path)
-    conn = open_store_read_only(store_path)
+    store = store or store_location(settings.store)
+    conn = open_store_read_only(store)
     try:
         rows = [(request_id, action, decided_at, payload, json.loads(shadow)) for request_id, action, decided_at,
                 payload, shadow in conn.execute("SELECT request_id, action, decided_at, payload, shadow FROM "
@@ -49,7 +50,7 @@ def run_shadow_report(settings: Settings, out_dir: Path, since: datetime | None 
     finally:
         conn.close()
     if not rows:
-        raise BacktestError(f"no shadow decisions recorded in {store_path}"
+        raise BacktestError(f"no shadow decisions recorded in {shown_location(store)}"
                             + (f" since {since.isoformat()}" if since else "")
                             + ": start one with `riskcascade model shadow`")
     answers = [pb.Decision.FromString(payload) for _, _, _, payload, _ in rows]
@@ -62,7 +63,7 @@ def run_shadow_report(settings: Settings, out_dir: Path, since: datetime | None 
     report = {
         "command": command,
         "made_at": datetime.now(timezone.utc).isoformat(),
-        "store": str(store_path),
+        "store": shown_location(store),
         "range": {"from": rows[0][2], "to": rows[-1][2], "since": since.isoformat() if since else None,
                   "as_of": as_of.isoformat()},
         "protocol": "live traffic: each event decided by the live cascade and, at the same moment and from the same "

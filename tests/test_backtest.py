@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from loadtest.events import decide_request
+from loadtest.postgres_process import create_database
 from orchestrator.convert import ACTIONS, STAGES
-from orchestrator.store import DecisionRecord, DecisionStore, FeedbackRecord
+from orchestrator.store import (
+    DecisionRecord,
+    FeedbackRecord,
+    PostgresDecisionStore,
+    SQLiteDecisionStore,
+    is_database_url,
+)
 from risk.v1 import decision_pb2 as pb
 from riskcascade.backtest import FROM_LIVE_REASONER, FROM_UNDECIDED, run_backtest
 from riskcascade.cli import main
@@ -28,6 +38,7 @@ from riskcascade.modelling.datasets.synthetic_source import synthetic_dataset
 from riskcascade.modelling.synthetic import generate_events, split_events
 from riskcascade.modelling.training import train_model
 from services.scorer.fast_model import FastModel
+from tests.postgres_server import postgres_server  # noqa: F401 - fixture
 
 N_EVENTS = 2000
 SEED = 9
@@ -88,7 +99,7 @@ def recorded(trained):
                                         merged.decided_by.value, e.event_type.value, merged.degraded,
                                         e.occurred_at.isoformat(), answer.SerializeToString(),
                                         request.event.SerializeToString()))
-    store = DecisionStore(settings.store.sqlite_path, synchronous="NORMAL")
+    store = SQLiteDecisionStore(settings.store.sqlite_path, synchronous="NORMAL")
 
     async def write() -> None:
         for record in decisions:
@@ -152,8 +163,8 @@ T0 = datetime(2026, 11, 30, 9, 0, tzinfo=timezone.utc)
 
 def _store_with(path, template, label_at: datetime | None, extra: list[DecisionRecord] = ()):  # noqa: ANN001
     """Decisions A (t0), B (t0 + 100 s) and C (t0 + 200 s) of one account, device and IP, all approved by the fast
-    model; A's fraud label recorded at ``label_at``."""
-    store = DecisionStore(path, synchronous="NORMAL")
+    model; A's fraud label recorded at ``label_at``; in a SQLite file, or the PostgreSQL database at a URL."""
+    store = PostgresDecisionStore(path) if is_database_url(path) else SQLiteDecisionStore(path, synchronous="NORMAL")
 
     async def write() -> None:
         for name, offset in (("A", 0), ("B", 100), ("C", 200)):
@@ -181,15 +192,24 @@ def template(trained):
 
 
 def _scores(settings, path, out, as_of=None):  # noqa: ANN001, ANN202
-    result = run_backtest(settings, out, model_dir=live_model_dir(settings.model.dir), store_path=path, as_of=as_of,
+    result = run_backtest(settings, out, model_dir=live_model_dir(settings.model.dir), store=path, as_of=as_of,
                           progress=False)
     return {r.request_id: r.candidate_score for r in result.rows}, result
 
 
-def test_a_label_counts_only_for_events_after_its_arrival(trained, template, tmp_path):
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_at(request, tmp_path) -> Callable[[str], Path | str]:  # noqa: ANN001
+    """Names a new store on the backend under test: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return lambda name: tmp_path / f"{name}.sqlite"
+    server = request.getfixturevalue("postgres_server")
+    return lambda name: create_database(server, f"bt_{name}_{uuid.uuid4().hex[:8]}")
+
+
+def test_a_label_counts_only_for_events_after_its_arrival(trained, template, tmp_path, store_at):
     settings, _, _ = trained
-    late = _store_with(tmp_path / "late.sqlite", template, T0 + timedelta(seconds=150))
-    early = _store_with(tmp_path / "early.sqlite", template, T0 + timedelta(seconds=50))
+    late = _store_with(store_at("late"), template, T0 + timedelta(seconds=150))
+    early = _store_with(store_at("early"), template, T0 + timedelta(seconds=50))
     # known by T0 + 120 s, the label (arriving at T0 + 150 s) is not known at all
     unseen, _ = _scores(settings, late, tmp_path / "unseen", as_of=T0 + timedelta(seconds=120))
     after_b, result = _scores(settings, late, tmp_path / "after_b")
@@ -235,3 +255,18 @@ def test_the_command_runs_on_a_store_file(recorded, tmp_path):
 
     bad = CliRunner().invoke(main, [*args[:-1], "--since", "yesterday"])
     assert bad.exit_code != 0 and "ISO 8601" in bad.output
+
+
+def test_the_command_reads_a_postgres_store_and_masks_its_password(trained, template, tmp_path, postgres_server):  # noqa: F811
+    settings, card, _ = trained
+    url = _store_with(create_database(postgres_server, f"bt_cli_{uuid.uuid4().hex[:8]}"), template,
+                      T0 + timedelta(seconds=50))
+    with_password = url.replace("riskcascade@", "riskcascade:s3cret@")  # the test server trusts loopback
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["backtest", "--model-dir", str(live_model_dir(settings.model.dir)),
+                                       "--store", with_password, "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "backtest.json").read_text())
+    assert report["counts"]["decisions"] == 3 and report["counts"]["labelled"] == 1
+    assert "s3cret" not in (out / "backtest.md").read_text() + json.dumps(report)
+    assert report["store"] == url.replace("riskcascade@", "riskcascade:***@")

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.cascade import StageError
 from orchestrator.feedback import FeedbackFanout
 from orchestrator.servicer import DecisionServicer
-from orchestrator.store import DecisionRecord, DecisionStore
+from orchestrator.store import DecisionRecord, SQLiteDecisionStore
 from risk.v1 import decision_pb2 as pb
 from riskcascade.core.config import ServerSettings
 from riskcascade.core.domain import AdjudicatedCase, LabelRecord, Outcome
@@ -57,7 +57,7 @@ def decided_event() -> pb.Event:
 
 @pytest.fixture
 def setup(tmp_path):
-    store = DecisionStore(tmp_path / "d.sqlite")
+    store = SQLiteDecisionStore(tmp_path / "d.sqlite")
     stage = Stage()
     servicer = DecisionServicer(None, store, ["amount"], ServerSettings(), pb.ServiceInfo(),
                                 FeedbackFanout(stage, stage, timeout_s=1.0))

@@ -332,7 +332,7 @@ def test_the_cascade_records_the_shadows_decision_and_returns_the_live_one(tmp_p
     from orchestrator.cascade import Cascade, StageLimits
     from orchestrator.convert import decision_to_proto
     from orchestrator.models import Shadow
-    from orchestrator.store import DecisionRecord, DecisionStore, shadow_json
+    from orchestrator.store import DecisionRecord, SQLiteDecisionStore, shadow_json
     from riskcascade.core.config import MergeSettings
     from riskcascade.core.domain import Entities, EventType, RiskEvent
     from riskcascade.core.merge import MergeRules
@@ -362,7 +362,7 @@ def test_the_cascade_records_the_shadows_decision_and_returns_the_live_one(tmp_p
         "v2", "p+shadow", 0.12, "block", "fast_model")  # 0.12 is at or above v2's high edge
     assert "v2" not in str(decision_to_proto(decision))  # never returned
     # recorded with the decision, in the same row
-    store = DecisionStore(tmp_path / "d.sqlite")
+    store = SQLiteDecisionStore(tmp_path / "d.sqlite")
     try:
         record = DecisionRecord("r1", "fp", "approve", 0.15, "fast_model", "order", False, "2026-11-30T00:00:00+00:00",
                                 b"", b"", shadow=shadow_json(shadow))
@@ -379,7 +379,7 @@ def test_the_cascade_records_the_shadows_decision_and_returns_the_live_one(tmp_p
 def test_a_store_from_before_shadows_gains_the_column_and_keeps_its_rows(tmp_path):
     import sqlite3
 
-    from orchestrator.store import DecisionStore
+    from orchestrator.store import SQLiteDecisionStore
 
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
@@ -391,7 +391,7 @@ def test_a_store_from_before_shadows_gains_the_column_and_keeps_its_rows(tmp_pat
                  "'2026-01-01T00:00:00+00:00', x'', x'', 1)")
     conn.commit()
     conn.close()
-    store = DecisionStore(path)
+    store = SQLiteDecisionStore(path)
     try:
         old = store.get_decision("old")
         assert (old.action, old.shadow) == ("block", "")
@@ -402,7 +402,7 @@ def test_a_store_from_before_shadows_gains_the_column_and_keeps_its_rows(tmp_pat
 def test_the_shadow_report_compares_with_the_live_decisions_and_the_outcomes_known(tmp_path):
     from datetime import datetime, timezone
 
-    from orchestrator.store import DecisionRecord, DecisionStore, FeedbackRecord
+    from orchestrator.store import DecisionRecord, FeedbackRecord, SQLiteDecisionStore
     from risk.v1 import decision_pb2 as pb
     from riskcascade.core.config import load_settings
     from riskcascade.shadow_report import run_shadow_report
@@ -411,7 +411,7 @@ def test_the_shadow_report_compares_with_the_live_decisions_and_the_outcomes_kno
         return json.dumps({"model_version": "v2", "policy_version": "p+shadow", "score": 0.5, "band_low": 0.1,
                            "band_high": 0.4, "action": action, "escalated": escalated, "action_from": "fast_model"})
 
-    store = DecisionStore(tmp_path / "d.sqlite")
+    store = SQLiteDecisionStore(tmp_path / "d.sqlite")
     rows = [  # request, live action, shadow action, label, label arrives
         ("fraud-missed-live", "approve", "block", "fraud", "2026-11-30T10:00:00+00:00"),
         ("legit-blocked-live", "block", "approve", "legitimate", "2026-11-30T10:00:00+00:00"),

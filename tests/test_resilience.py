@@ -26,7 +26,7 @@ from orchestrator.errors import RETRY_AFTER_KEY
 from orchestrator.health import SERVICE_NAME, StageHealth
 from orchestrator.models import ModelSelection, ServingModel
 from orchestrator.servicer import DecisionServicer
-from orchestrator.store import DecisionStore
+from orchestrator.store import DecisionStore, SQLiteDecisionStore
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
 from riskcascade.core.config import MergeSettings, ServerSettings
@@ -111,7 +111,7 @@ class Gateway:
             reasoner_breaker=self.breakers["reasoner"],
             max_escalations_per_call=max_per_call,
         )
-        self.store = store or DecisionStore(tmp_path / "decisions.sqlite", synchronous="NORMAL")
+        self.store = store or SQLiteDecisionStore(tmp_path / "decisions.sqlite", synchronous="NORMAL")
         self.settings = server or ServerSettings()
         self.servicer = DecisionServicer(
             self.cascade, self.store, FEATURES, self.settings, pb.ServiceInfo(model_version="m-1")
@@ -384,13 +384,13 @@ def test_the_store_writer_survives_a_failing_batch(tmp_path, monkeypatch):
     original = DecisionStore._apply
     failed = []
 
-    def flaky(conn, kind, record):  # noqa: ANN001, ANN202
+    def flaky(self, conn, kind, record):  # noqa: ANN001, ANN202
         if record.request_id == "poison-1" and not failed:
             failed.append(record.request_id)
             raise RuntimeError("disk controller said no")
-        return original(conn, kind, record)
+        return original(self, conn, kind, record)
 
-    monkeypatch.setattr(DecisionStore, "_apply", staticmethod(flaky))
+    monkeypatch.setattr(DecisionStore, "_apply", flaky)
 
     async def scenario():
         async with Gateway(tmp_path) as gw:
@@ -407,10 +407,10 @@ def test_the_store_writer_survives_a_failing_batch(tmp_path, monkeypatch):
 
 def test_a_full_write_queue_refuses_at_once(tmp_path):
     async def scenario():
-        store = DecisionStore(tmp_path / "d.sqlite", synchronous="NORMAL", max_pending_writes=1)
+        store = SQLiteDecisionStore(tmp_path / "d.sqlite", synchronous="NORMAL", max_pending_writes=1)
         block = threading.Event()
         original_commit = store._commit
-        store._commit = lambda conn, batch: (block.wait(PATIENCE_S), original_commit(conn, batch))
+        store._commit = lambda conn, batch: (block.wait(PATIENCE_S), original_commit(conn, batch))[1]
         async with Gateway(tmp_path, store=store) as gw:
             first = gw.stub.Decide(request("q-1", 0.95), timeout=PATIENCE_S)  # taken by the (stuck) writer
             await asyncio.sleep(0.2)

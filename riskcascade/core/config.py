@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from riskcascade.core.domain import Action, EventType
@@ -97,6 +106,18 @@ class RaySettings(_Section):
     )
     deploy_on_start: bool = Field(
         True, description="apply serve_config at start; false attaches to apps already deployed"
+    )
+    scorer_resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="Ray custom resources each scorer replica requires, merged into its ray_actor_options.resources "
+        "when serve_config is applied; e.g. {\"scorer_node\": 1} places replicas only on nodes started with "
+        "`--resources '{\"scorer_node\": N}'`",
+    )
+    reasoner_resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict,
+        description="Ray custom resources each reasoner replica requires, merged into its "
+        "ray_actor_options.resources when serve_config is applied; e.g. {\"reasoner_node\": 1} places replicas only "
+        "on nodes started with `--resources '{\"reasoner_node\": N}'`",
     )
     throughput_optimized: bool = Field(
         True,
@@ -396,6 +417,40 @@ class EscalationSettings(_Section):
     policy_version: str = Field("cascade-policy-1", description="version stamped on decisions")
 
 
+class SharedLimitsSettings(_Section):
+    """What several orchestrators share through Redis (orchestrator/shared_limits.py): one escalation budget
+    (``escalation.max_in_flight`` slots in all) and the stages' circuit openings. Without ``redis_url`` each
+    orchestrator keeps its own, as a single one does; it is not taken from ``state.redis_url`` by default, since one
+    orchestrator gains nothing from it but a dependency (point it at the same server to share)."""
+
+    redis_url: str | None = Field(
+        None, description="Redis server shared by the orchestrators, e.g. redis://127.0.0.1:6379/0; empty = per process"
+    )
+    key_prefix: str = Field("rc-shared", min_length=1, description="prefix of the shared keys (one per cluster)")
+    escalation_lease_s: float = Field(
+        60.0, gt=0, description="life of a shared escalation slot: a crashed orchestrator's slots come back after "
+        "it; an escalation holding one runs at most this less two timeout_ms (acquire and release round trips)",
+    )
+    timeout_ms: float = Field(
+        100.0, gt=0, description="longest one Redis call may take; past it (or on any Redis error) the "
+        "orchestrator falls back to its own budget and circuits",
+    )
+    outage_retry_s: float = Field(
+        5.0, gt=0, description="after a failed Redis call, how long escalations use the per-process budget before "
+        "Redis is tried again",
+    )
+    circuit_refresh_ms: float = Field(
+        250.0, gt=0, description="how often the other orchestrators' circuit openings are read (in the background, "
+        "never on the decision path)",
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlives_round_trips(self) -> "SharedLimitsSettings":
+        if self.escalation_lease_s * 1000.0 <= 2 * self.timeout_ms:
+            raise ValueError("escalation_lease_s must exceed two timeout_ms (the acquire and release round trips)")
+        return self
+
+
 class MergeSettings(_Section):
     """How the fast score and the reasoner's verdict become one decision."""
 
@@ -593,7 +648,26 @@ class SecuritySettings(_Section):
 
 
 class StoreSettings(_Section):
+    """The decision and feedback store (orchestrator/store.py): SQLite embedded, or PostgreSQL shared."""
+
+    url: str | None = Field(
+        None, description="PostgreSQL URL (postgresql://user:password@host:5432/db) of a store shared by every "
+        "orchestrator that names it; empty = the embedded SQLite file at sqlite_path (one orchestrator)",
+    )
     sqlite_path: Path = Field(Path("var/decisions.sqlite"), description="decision and feedback store")
+    connect_timeout_s: float = Field(5.0, ge=1, description="PostgreSQL: time one connection attempt may take")
+    write_retries: int = Field(
+        3, ge=0, description="PostgreSQL: times a group commit is committed again after the server aborted it "
+        "(deadlock or serialization failure between orchestrators) or its connection broke",
+    )
+    retention_s: float = Field(
+        0.0, ge=0, description="decisions (so their request_id idempotency keys) and their feedback are kept this "
+        "long after decided_at, then deleted; 0 = forever. A pruned request_id may be decided again",
+    )
+    retention_sweep_interval_s: float = Field(
+        300.0, gt=0, description="how often the orchestrator deletes what is past retention_s"
+    )
+    retention_sweep_batch: int = Field(1000, ge=1, description="decisions deleted per transaction by a sweep")
     synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="SQLite fsync level: FULL survives power loss, NORMAL only process crashes"
     )
@@ -606,6 +680,13 @@ class StoreSettings(_Section):
     max_read_batch: int = Field(
         256, ge=1, description="most concurrent reads answered by one query (reads waiting together share one)"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("store.url must be a PostgreSQL URL (postgresql://...); leave it empty for SQLite")
+        return value or None
 
 
 class ValidationSettings(_Section):
@@ -709,6 +790,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalSettings = RetrievalSettings()
     resilience: ResilienceSettings = ResilienceSettings()
     escalation: EscalationSettings = EscalationSettings()
+    shared: SharedLimitsSettings = SharedLimitsSettings()
     merge: MergeSettings = MergeSettings()
     reasoner: ReasonerSettings = ReasonerSettings()
     llm: LLMSettings = LLMSettings()
@@ -722,6 +804,16 @@ class Settings(BaseSettings):
     pricing: PricingSettings = PricingSettings()
 
     _yaml_data: ClassVar[dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _shared_lease_outlives_a_model_call(self) -> "Settings":
+        # the lease also caps an escalation's time (cascade.py); it must not cut the longest model call short
+        shared = self.shared
+        longest_ms = self.llm.timeout_s * 1000.0 + 2 * shared.timeout_ms
+        if shared.redis_url and shared.escalation_lease_s * 1000.0 <= longest_ms:
+            raise ValueError("shared.escalation_lease_s must exceed llm.timeout_s (the longest model call) plus two "
+                             "shared.timeout_ms")
+        return self
 
     @classmethod
     def settings_customise_sources(
