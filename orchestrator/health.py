@@ -4,7 +4,9 @@ The standard health service answers for the whole server (``""``) and for ``risk
 while the fast model's circuit is closed, NOT_SERVING while it is open or half-open (decisions are then made by
 the failure policy alone, so a load balancer should send traffic elsewhere). Each stage also has its own entry,
 ``riskcascade.stage.<name>`` (fast_model, reasoner): a reasoner outage degrades escalated decisions but leaves
-the service SERVING. Every ping's result feeds the stage's breaker, so a stage that dies between calls is noticed
+the service SERVING. ``riskcascade.process`` is SERVING from start to shutdown whatever the stages say: a liveness
+probe asks it, so a stage outage takes an orchestrator out of the load balancer (readiness) without restarting
+it. Every ping's result feeds the stage's breaker, so a stage that dies between calls is noticed
 and one that comes back is closed again without waiting for client traffic.
 """
 
@@ -23,6 +25,7 @@ log = logging.getLogger("riskcascade.health")
 
 SERVICE_NAME = decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 STAGE_PREFIX = "riskcascade.stage."
+PROCESS_SERVICE = "riskcascade.process"  # the process serves: for liveness probes, never gated by a stage
 GATING_STAGE = "fast_model"  # without it the service decides by failure policy only
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -40,6 +43,7 @@ class StageHealth:
         self._health = health
         for name, breaker in breakers.items():
             self._states[name] = breaker.state
+        await health.set(PROCESS_SERVICE, SERVING)
         await self._publish()
 
     def changed(self, name: str, state: CircuitState) -> None:

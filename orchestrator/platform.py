@@ -27,6 +27,10 @@ THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 # Throughput mode also opens an HTTP and a gRPC listener in every replica ("direct ingress") with a 30 s minimum
 # drain on shutdown. Our orchestrator is the only ingress and reaches replicas through handles, so it stays off.
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+# This process always calls ray.init itself. Off, a Ray API used after ray.shutdown (a Serve long-poll update that
+# lands while the platform stops attached to a cluster) fails instead of starting a local Ray of its own, or joining
+# another Ray of this machine.
+AUTO_CONNECT_ENV = "RAY_ENABLE_AUTO_CONNECT"
 
 
 class PlatformError(RuntimeError):
@@ -43,7 +47,34 @@ def serve_config_with_settings(settings: Settings) -> dict[str, Any]:
     wire = settings.to_wire()
     for app in config.get("applications", []):
         app["args"] = {"settings": wire}
+    check_replica_counts(config, settings)
     return with_stage_resources(config, settings)
+
+
+def most_replicas(deployment: dict[str, Any]) -> int:
+    """The most replicas a deployment of a Serve config may run: ``num_replicas`` or its autoscaling maximum."""
+    autoscaling = deployment.get("autoscaling_config") or {}
+    count = deployment.get("num_replicas", 1)
+    if autoscaling or count == "auto":
+        return int(autoscaling.get("max_replicas", 1) if autoscaling else 1)  # Serve's own default maximum is 1
+    return int(count)
+
+
+def check_replica_counts(config: dict[str, Any], settings: Settings) -> None:
+    """Refuse, by name, a Serve config whose stages would run more replicas than their state allows: scorer replicas
+    share the entity state only through Redis (state.backend: redis), and reasoner replicas their case memory only
+    on a Qdrant server (retrieval.backend: qdrant with qdrant_url); Qdrant Edge and qdrant-client's local mode are
+    one folder owned by one process."""
+    shared_memory = settings.retrieval.backend == "qdrant" and bool(settings.retrieval.qdrant_url)
+    needs = {settings.ray.scorer_app: (settings.state.backend == "redis", "state.backend: redis"),
+             settings.ray.reasoner_app: (shared_memory, "retrieval.backend: qdrant with retrieval.qdrant_url")}
+    for app in config.get("applications", []):
+        allowed, what = needs.get(app.get("name"), (True, ""))
+        for deployment in app.get("deployments") or []:
+            if not allowed and most_replicas(deployment) > 1:
+                raise PlatformError(
+                    f"{settings.ray.serve_config}: {app['name']}/{deployment.get('name')} may run "
+                    f"{most_replicas(deployment)} replicas, which share their state only with {what}")
 
 
 def with_stage_resources(config: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -171,6 +202,7 @@ async def run_platform(settings: Settings) -> None:
     if settings.ray.throughput_optimized:
         os.environ[THROUGHPUT_ENV] = "1"  # read by ray.serve at import, here and in the local cluster
         os.environ.setdefault(DIRECT_INGRESS_ENV, "0")
+    os.environ.setdefault(AUTO_CONNECT_ENV, "0")
     from ray import serve  # noqa: F401 - imported after the environment is set
 
     from orchestrator.breaker import CircuitBreaker

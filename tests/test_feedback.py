@@ -12,10 +12,11 @@ import pytest
 from orchestrator.cascade import StageError
 from orchestrator.feedback import FeedbackFanout
 from orchestrator.servicer import DecisionServicer
-from orchestrator.store import DecisionRecord, SQLiteDecisionStore
+from orchestrator.store import DecisionRecord, PostgresDecisionStore, SQLiteDecisionStore
 from risk.v1 import decision_pb2 as pb
 from riskcascade.core.config import ServerSettings
 from riskcascade.core.domain import AdjudicatedCase, LabelRecord, Outcome
+from tests.postgres_server import postgres_server, postgres_url  # noqa: F401 - fixtures
 
 
 class Aborted(Exception):
@@ -55,9 +56,13 @@ def decided_event() -> pb.Event:
     return event
 
 
-@pytest.fixture
-def setup(tmp_path):
-    store = SQLiteDecisionStore(tmp_path / "d.sqlite")
+@pytest.fixture(params=["sqlite", "postgres"])
+def setup(request, tmp_path):
+    """A servicer on a store of each backend (embedded SQLite, a real PostgreSQL) holding one decision."""
+    if request.param == "sqlite":
+        store = SQLiteDecisionStore(tmp_path / "d.sqlite")
+    else:
+        store = PostgresDecisionStore(request.getfixturevalue("postgres_url"))
     stage = Stage()
     servicer = DecisionServicer(None, store, ["amount"], ServerSettings(), pb.ServiceInfo(),
                                 FeedbackFanout(stage, stage, timeout_s=1.0))

@@ -235,9 +235,9 @@ def test_the_orchestrator_mounts_its_config_and_the_tokens_file_it_names(tmp_pat
 def test_the_orchestrator_probes_are_grpc_health_probes_on_its_grpc_port(tmp_path, monkeypatch):
     """Readiness, liveness and start-up are Kubernetes' own gRPC probes on server.port, asking services the health
     servicer publishes; kubelet probes speak plaintext and send no token, so the config must let them in."""
-    from orchestrator.health import SERVICE_NAME
+    from orchestrator.health import PROCESS_SERVICE, SERVICE_NAME
 
-    published = {"", SERVICE_NAME}  # orchestrator/health.py and server.py set these two
+    published = {"", SERVICE_NAME, PROCESS_SERVICE}  # orchestrator/health.py and server.py set these
     objects = manifests()
     settings = load_k8s_settings(objects, tmp_path, monkeypatch)
     (container,) = by_kind(objects, "Deployment")["orchestrator"]["spec"]["template"]["spec"]["containers"]
@@ -248,6 +248,8 @@ def test_the_orchestrator_probes_are_grpc_health_probes_on_its_grpc_port(tmp_pat
         assert probe["port"] == settings.server.port, f"{kind} asks port {probe['port']}"
         assert probe.get("service", "") in published, f"{kind} asks {probe.get('service')!r}, which is never published"
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    # a stage outage takes a pod out of the Service (readiness), it does not restart it
+    assert container["livenessProbe"]["grpc"]["service"] == PROCESS_SERVICE
     assert settings.security.public_health, "gRPC probes send no token: security.public_health must be on"
     assert not settings.security.tls, "Kubernetes gRPC probes cannot speak TLS: with security.tls they all fail"
     assert settings.security.exposure_problem(settings.server.host) is None

@@ -23,11 +23,11 @@ from retrieval.policy_library import (
 )
 from riskcascade.core.config import RetrievalSettings
 from riskcascade.core.domain import RISK_TYPES
+from tests.qdrant_server import BACKENDS, SERVER, _delete_server_collections, on_server  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY_DIR = REPO / "retrieval" / "policies"
 ARTIFACT_DIR = REPO / "var" / "embedding"
-BACKENDS = ["edge", "qdrant"]
 GOOD_FRONT = "policy_id: POL-X\nrisk_type: x\nversion: 2026-01-01\ntitle: X\nallowed_actions: [APPROVE, REVIEW]\n"
 GOOD_BODY = "# X\n\n## Signals\n\nX signals.\n\n- **X-1** one rule: REVIEW.\n"
 
@@ -45,15 +45,13 @@ def documents():
 
 
 def settings_for(backend: str, root: Path, policy_dir: Path = POLICY_DIR) -> RetrievalSettings:
-    return RetrievalSettings(
-        backend=backend,
-        edge_path=root / "edge",
-        qdrant_path=root / "local",
-        policy_collection="policies_test",
-        collection="cases_test",
-        policy_dir=policy_dir,
-        embedding_dir=ARTIFACT_DIR,
-    )
+    """Settings of a library under ``root``: Qdrant Edge, qdrant-client's local mode, or (SERVER) a Qdrant server."""
+    where: dict = {"backend": backend, "edge_path": root / "edge", "qdrant_path": root / "local",
+                   "policy_collection": "policies_test", "collection": "cases_test"}
+    if backend == SERVER:
+        where = {"edge_path": root / "edge",
+                 **on_server(root, policy_collection="policies_test", collection="cases_test")}
+    return RetrievalSettings(**where, policy_dir=policy_dir, embedding_dir=ARTIFACT_DIR)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -26,13 +26,14 @@ from orchestrator.errors import RETRY_AFTER_KEY
 from orchestrator.health import SERVICE_NAME, StageHealth
 from orchestrator.models import ModelSelection, ServingModel
 from orchestrator.servicer import DecisionServicer
-from orchestrator.store import DecisionStore, SQLiteDecisionStore
+from orchestrator.store import DecisionStore, PostgresDecisionStore, SQLiteDecisionStore
 from risk.v1 import decision_pb2 as pb
 from risk.v1 import decision_pb2_grpc as pb_grpc
 from riskcascade.core.config import MergeSettings, ServerSettings
 from riskcascade.core.domain import Action, EventType, FastScore, ReasonerVerdict, ScorerInfo
 from riskcascade.core.merge import MergeRules
 from riskcascade.core.policy import EscalationPolicy
+from tests.postgres_server import postgres_server, postgres_url  # noqa: F401 - fixtures
 
 # Generous on a loaded 2-core machine: scripted stages answer in microseconds, so every bound below is >10x what
 # the path needs; the assertions that matter are about order and outcome, not speed.
@@ -276,14 +277,16 @@ def test_a_dead_fast_model_opens_its_circuit_fails_fast_and_turns_health_not_ser
             login = await gw.stub.Decide(request("dead-login", 0.95, pb.EVENT_TYPE_LOGIN), timeout=PATIENCE_S)
             await _until_async(lambda: gw.health_status(), health_pb2.HealthCheckResponse.NOT_SERVING)
             stage = await gw.health_status("riskcascade.stage.fast_model")
-            return fast_fail.decision, login.decision, elapsed, gw.scorer.calls - calls_before, stage
+            alive = await gw.health_status("riskcascade.process")  # what a liveness probe asks
+            return fast_fail.decision, login.decision, elapsed, gw.scorer.calls - calls_before, stage, alive
 
-    decision, login, elapsed, new_calls, stage = run(scenario())
+    decision, login, elapsed, new_calls, stage, alive = run(scenario())
     assert new_calls == 0  # the open circuit refused the calls without touching the stage
     assert decision.degraded and decision.action == pb.ACTION_REVIEW and "circuit open" in decision.degraded_reason
     assert login.degraded and login.action == pb.ACTION_APPROVE  # logins fail open by the configured policy
     assert elapsed < 0.2  # refused without waiting the scorer's cap (measured: ~2 ms)
     assert stage == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert alive == health_pb2.HealthCheckResponse.SERVING  # a stage outage is no reason to restart the process
 
 
 def test_an_open_circuit_recovers_through_a_probe(tmp_path):
@@ -464,3 +467,38 @@ async def _until_async(probe, expected, timeout_s: float = PATIENCE_S) -> None: 
         if time.monotonic() > deadline:
             raise AssertionError(f"never became {expected}")
         await asyncio.sleep(0.01)
+
+
+# -- several orchestrators on one database --------------------------------------------------------------------------
+
+
+def test_two_gateways_on_one_postgres_database_answer_each_duplicate_with_one_decision(tmp_path, postgres_url):  # noqa: F811, E501
+    """Two orchestrators (servicers with their own cascades, in-flight maps and stores) on one PostgreSQL database:
+    the same 60 requests sent to both at once, with scores in the band (escalated, so both are still deciding when
+    the other's answer lands) are each stored once, and both callers of a request get that stored decision."""
+    ids = [f"both-{i}" for i in range(60)]
+    slow = ScriptedReasoner(delay_s=0.05)
+
+    async def scenario():
+        a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+        a_dir.mkdir()
+        b_dir.mkdir()
+        # room for every escalation: a degraded answer ("reasoner busy") is provisional and may be decided again
+        room = {"max_in_flight": len(ids), "max_per_call": 1}
+        async with Gateway(a_dir, reasoner=slow, store=PostgresDecisionStore(postgres_url), **room) as a, \
+                Gateway(b_dir, reasoner=ScriptedReasoner(delay_s=0.05), store=PostgresDecisionStore(postgres_url),
+                        **room) as b:
+            answers = await asyncio.gather(*(
+                gw.stub.Decide(request(rid, 0.5), timeout=PATIENCE_S) for rid in ids for gw in (a, b)))
+            return answers, a.store.count_decisions(), await a.store.aget_decisions(ids)
+
+    answers, count, stored = run(scenario())
+    assert count == len(ids)
+    for i, (rid, row) in enumerate(zip(ids, stored)):
+        first, second = answers[2 * i].decision, answers[2 * i + 1].decision
+        assert first.request_id == second.request_id == rid and not first.degraded and first.escalated
+        # both callers were answered with the one stored decision; at most one of them decided it unreplayed
+        assert (first.action, first.risk_score, first.decided_at) == (second.action, second.risk_score,
+                                                                      second.decided_at), rid
+        assert pb.Decision.FromString(row.payload).decided_at == first.decided_at, rid
+        assert not (not first.replayed and not second.replayed), rid

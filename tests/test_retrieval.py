@@ -50,8 +50,8 @@ from riskcascade.core.config import RetrievalSettings
 from riskcascade.core.domain import RISK_TYPES, AdjudicatedCase, Entities, EventType, Outcome
 from riskcascade.core.model_card import CalibrationSpec, FeatureScaling, ModelCard, OnnxSpec, Thresholds
 from riskcascade.modelling.synthetic import FEATURE_NAMES, generate_events, to_adjudicated_case
+from tests.qdrant_server import BACKENDS, SERVER, _delete_server_collections, on_server  # noqa: F401 - fixture
 
-BACKENDS = ["edge", "qdrant"]
 ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "var" / "embedding"  # `make embedding` exports it
 N_CASES = 300
 FEATURES = [f"f{i:02d}" for i in range(12)]
@@ -116,11 +116,13 @@ def encoder(cases) -> BehaviourEncoder:
 
 
 def settings_for(backend: str, root: Path, **overrides) -> RetrievalSettings:
+    """Settings of a memory under ``root``: Qdrant Edge, qdrant-client's local mode, or (SERVER) a Qdrant server."""
+    where: dict = {"backend": backend, "edge_path": root / "edge", "qdrant_path": root / "local",
+                   "collection": "cases_test"}
+    if backend == SERVER:
+        where = {"edge_path": root / "edge", **on_server(root, collection="cases_test")}
     return RetrievalSettings(
-        backend=backend,
-        edge_path=root / "edge",
-        qdrant_path=root / "local",
-        collection="cases_test",
+        **where,
         index_batch_size=64,
         embedding_dir=ARTIFACT_DIR,
         **overrides,

@@ -94,6 +94,31 @@ def test_stage_resources_come_from_the_environment_and_must_be_positive(monkeypa
         load_settings(ray={"scorer_resources": {"gpu_node": 0}})
 
 
+@pytest.mark.parametrize("stage, replicas, state, retrieval, refused", [
+    ("reasoner", {"num_replicas": 3}, {}, {"backend": "edge"}, "retrieval.backend: qdrant"),
+    ("reasoner", {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}, {}, {"backend": "qdrant",
+     "qdrant_path": "var/qdrant"}, "retrieval.backend: qdrant"),
+    ("reasoner", {"num_replicas": 3}, {}, {"backend": "qdrant", "qdrant_url": "http://qdrant:6333"}, None),
+    ("scorer", {"num_replicas": 2}, {}, {}, "state.backend: redis"),
+    ("scorer", {"num_replicas": 2}, {"backend": "redis", "redis_url": "redis://redis:6379/0"}, {}, None),
+    ("scorer", {"num_replicas": 1}, {}, {}, None),
+])
+def test_more_replicas_than_a_stages_state_can_share_are_refused_by_name(tmp_path, stage, replicas, state, retrieval,
+                                                                         refused):
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    (deployment,) = _deployments(config, stage)
+    deployment.pop("num_replicas", None)
+    deployment.update(replicas)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = load_settings(ray={"serve_config": str(path)}, state=state, retrieval=retrieval)
+    if refused is None:
+        serve_config_with_settings(settings)
+    else:
+        with pytest.raises(PlatformError, match=f"{stage}/{deployment['name']} may run .* {refused}"):
+            serve_config_with_settings(settings)
+
+
 # -- autoscaling, as the comments of deploy/serve.yaml offer it ------------------------------------------------------
 
 
