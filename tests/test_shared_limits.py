@@ -125,36 +125,34 @@ def test_two_orchestrators_never_hold_more_than_the_limit_and_can_use_all_of_it(
 def test_the_slots_of_a_holder_that_dies_come_back_after_the_lease(redis_url):  # noqa: F811
     limit, lease_s = 3, 4.0
     settings = settings_for(redis_url, escalation_lease_s=lease_s, timeout_ms=1000.0)
+    # the survivor's own slot must outlive the dead's however loaded the machine is: its leases are long
+    lasting = settings.model_copy(update={"escalation_lease_s": 60.0})
 
     async def scenario():
-        async with orchestrators(settings, limit, count=1) as ((survivor,), _):
+        async with orchestrators(lasting, limit, count=1) as ((survivor,), _):
             dead = SharedLimits(redis_client(settings), settings, limit)
             taken_from = time.monotonic()
             slots = [await dead.budget.acquire() for _ in range(limit - 1)]
             assert all(isinstance(s, EscalationSlot) and s.token for s in slots)
             assert slots[0].max_s == pytest.approx(lease_s - 2.0)  # runs at most the lease less two round trips
             await dead.client.aclose()  # it crashes: never releases
-            # the survivor holds one of its own, taken half a lease later: its lease outlives the dead ones
-            await asyncio.sleep(lease_s / 2)
             mine = await survivor.budget.acquire()
             assert isinstance(mine, EscalationSlot) and mine.token
             assert isinstance(await survivor.budget.acquire(), Busy)
-            got: list[EscalationSlot] = []
+            got: list[tuple[float, EscalationSlot]] = []
 
-            async def got_one() -> bool:
+            async def all_back() -> bool:
                 slot = await survivor.budget.acquire()
                 if isinstance(slot, EscalationSlot):
-                    got.append(slot)
-                return bool(got)
+                    got.append((time.monotonic(), slot))
+                return len(got) == limit - 1
 
-            back_at = await until(got_one, "the dead holder's slots", lease_s + PATIENCE_S)
+            await until(all_back, "the dead holder's slots", lease_s + PATIENCE_S)
             # not before the dead's leases ended (server clock, ms resolution)
-            assert back_at - taken_from >= lease_s - 0.01
+            assert got[0][0] - taken_from >= lease_s - 0.01
             # exactly the dead's slots came back: the survivor's own, still held, still counts
-            while isinstance(slot := await survivor.budget.acquire(), EscalationSlot):
-                got.append(slot)
-            assert time.monotonic() - taken_from < lease_s * 1.5, "the survivor's own lease ended meanwhile: retry"
-            assert len(got) == limit - 1 and slot.in_flight == limit
+            full = await survivor.budget.acquire()
+            assert isinstance(full, Busy) and full.in_flight == limit
 
     asyncio.run(scenario())
 
@@ -229,7 +227,7 @@ def test_two_cascades_on_one_budget_escalate_at_most_the_limit_and_hold_the_rest
 
 def test_a_stopped_or_frozen_redis_falls_back_to_the_local_budget_within_its_timeout():
     limit, timeout_ms, retry_s = 3, 300.0, 0.5
-    bound_s = 3 * timeout_ms / 1000.0
+    bound_s = 5 * timeout_ms / 1000.0  # one timeout and a few ms of work, with room for a loaded 2-core box
 
     async def decide_timed(cascade: Cascade, n: int):  # noqa: ANN202
         started = time.monotonic()
