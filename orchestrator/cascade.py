@@ -28,6 +28,7 @@ from typing import Protocol
 from orchestrator.breaker import CircuitBreaker
 from orchestrator.models import ModelSelection, ServingModel, Shadow
 from riskcascade.core.domain import (
+    Action,
     Decision,
     EventType,
     FastScore,
@@ -170,10 +171,11 @@ class Cascade:
         return self.escalation_budget.in_flight
 
     async def decide(self, event: RiskEvent, deadline: float, call: CallBudget | None = None,
-                     model: ServingModel | None = None) -> Decision:
+                     model: ServingModel | None = None, explain: bool = False) -> Decision:
         """Decide ``event``; ``deadline`` is the caller's deadline on the time.monotonic() clock; ``call`` is the
         escalation budget of the call it belongs to (a new one per event when None); ``model`` the version the
-        caller validated the event for (default: the live one, read once here)."""
+        caller validated the event for (default: the live one, read once here); ``explain``: ask the scorer for
+        counterfactuals against this version's band, kept on a REVIEW or BLOCK (the fast model's flips)."""
         started = time.monotonic()
         model = model if model is not None else self.models.live
         shadow = self.models.shadow  # read once too: a shadow set or ended meanwhile does not half apply
@@ -185,7 +187,9 @@ class Cascade:
         try:
             request = ScoreRequest.of(event.request_id, event.event_type, event.entities, event.features,
                                       occurred_at=event.occurred_at, model_version=model.version,
-                                      shadow_version=shadow.model.version if shadow is not None else "")
+                                      shadow_version=shadow.model.version if shadow is not None else "",
+                                      counterfactual_band=(model.policy.band_low, model.policy.band_high)
+                                      if explain else None)
             fast = await self._guarded(
                 self.scorer_breaker, "fast model", self._scorer.score, request, self._fast_budget_s(event, deadline)
             )
@@ -322,6 +326,8 @@ class Cascade:
             rationale=merged.rationale,
             reasoner_backend=merged.reasoner_backend,
             state_features=dict(fast.state_features) if fast else {},
+            # the fast model's flips, for a decision that is not an approval (the reasoner may have approved)
+            counterfactuals=fast.counterfactuals if fast and merged.action is not Action.APPROVE else (),
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from risk.v1 import decision_pb2 as pb
-from riskcascade.core.domain import Action, Decision, EventType, Outcome, Stage
+from riskcascade.core.domain import Action, Counterfactual, Decision, EventType, Outcome, Stage
 
 ACTIONS = {Action.APPROVE: pb.ACTION_APPROVE, Action.REVIEW: pb.ACTION_REVIEW, Action.BLOCK: pb.ACTION_BLOCK}
 STAGES = {
@@ -56,6 +56,16 @@ def decision_to_proto(d: Decision) -> pb.Decision:
         rationale=d.rationale,
         reasoner_backend=d.reasoner_backend,
         state_features=d.state_features,
+        counterfactuals=[counterfactual_to_proto(c) for c in d.counterfactuals],
     )
     msg.decided_at.FromDatetime(d.decided_at)
     return msg
+
+
+def counterfactual_to_proto(c: Counterfactual) -> pb.Counterfactual:
+    return pb.Counterfactual(
+        target_action=ACTIONS[c.target], threshold=c.threshold, found=c.found, score=c.score,
+        original_score=c.original_score, candidates=c.candidates,
+        changes=[pb.FeatureChange(feature=f.feature, from_value=f.from_value, to_value=f.to_value, action=f.action,
+                                  spoofable=f.spoofable, derived=f.derived) for f in c.changes],
+    )

@@ -58,6 +58,17 @@ def fingerprint(message) -> str:
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
 
+def request_fingerprint_of(request: pb.DecideRequest) -> str:
+    """The idempotency fingerprint: the request without ``explain``, which asks for more of the answer and does not
+    change the event (unset, it is not serialized: fingerprints stored before it existed still match)."""
+    if not request.explain:
+        return fingerprint(request)
+    event_only = pb.DecideRequest()
+    event_only.CopyFrom(request)
+    event_only.ClearField("explain")
+    return fingerprint(event_only)
+
+
 @dataclasses.dataclass
 class _Flight:
     """The one running decision of a request_id, and the deadline it runs under."""
@@ -298,7 +309,7 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         known, ranges = (model.feature_names, model.feature_ranges) if model is not None else (self._features,
                                                                                                   self._ranges)
         event = to_risk_event(request, known, prefix, ranges=ranges, limits=self._validation)
-        request_fingerprint = fingerprint(request)
+        request_fingerprint = request_fingerprint_of(request)
         recorded_event = pb.Event()
         recorded_event.CopyFrom(request.event)
         if event.occurred_at is None:  # decided now: the state, the record and feedback use the arrival time
@@ -322,7 +333,8 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
             # degraded under a shorter deadline than ours: decide again (loop: someone else may have started)
 
         task = asyncio.get_running_loop().create_task(
-            self._decide_and_store(event, request_fingerprint, recorded_event, deadline, call, model),
+            self._decide_and_store(event, request_fingerprint, recorded_event, deadline, call, model,
+                                   request.explain),
             name=f"decide:{request_id}",
         )
         flight = _Flight(task, deadline)
@@ -350,9 +362,10 @@ class DecisionServicer(pb_grpc.DecisionServiceServicer):
         deadline: float,
         call: CallBudget | None,
         model: ServingModel | None = None,
+        explain: bool = False,
     ) -> tuple[pb.Decision, DecisionRecord, bool]:
         """Decide and persist one request; runs as its own task, so no caller's cancellation stops it."""
-        decision = await self._cascade.decide(event, deadline, call, model)
+        decision = await self._cascade.decide(event, deadline, call, model, explain)
         message = decision_to_proto(decision)
         record = DecisionRecord(
             request_id=decision.request_id,

@@ -348,8 +348,8 @@ def compare(live_actions: Sequence[str], live_escalated: Sequence[bool], candida
             ) -> dict[str, Any]:
     """Live and candidate side by side on the same decisions: each side's figures, their difference and the
     live → candidate action matrix (the backtest's and the shadow report's)."""
-    live = _side(live_actions, live_escalated, labels, costs)
-    candidate = _side(candidate_actions, candidate_escalated, labels, costs)
+    live = decision_figures(live_actions, live_escalated, labels, costs)
+    candidate = decision_figures(candidate_actions, candidate_escalated, labels, costs)
     return {
         "live": live, "candidate": candidate,
         "delta": {k: candidate[k] - live[k] for k in live
@@ -360,7 +360,7 @@ def compare(live_actions: Sequence[str], live_escalated: Sequence[bool], candida
     }
 
 
-def _side(actions: Sequence[str], escalated: Sequence[bool], labels: Sequence[str | None],
+def decision_figures(actions: Sequence[str], escalated: Sequence[bool], labels: Sequence[str | None],
           costs: CostSettings) -> dict[str, Any]:
     """One side's figures. Fraud caught: blocked or sent to review among labelled fraud; false positives:
     blocked legitimate; the cost counts every escalation and the labelled errors."""

@@ -6,6 +6,7 @@
     riskcascade eval     train on each split of a data set and report quality (metrics, plots)
     riskcascade data     write a built-in data set in the documented format
     riskcascade index    build the retrieval indexes (Qdrant): cases and policies; idempotent
+    riskcascade distill  retrain the fast model with the reasoner's verdicts as soft labels; report
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
 import time
@@ -118,6 +120,40 @@ def drift(config: str | None, events_file: str | None, split: str | None, out_di
 
 @main.command()
 @config_option
+@click.option("--model-dir", "model_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="a model registry or version folder  [default: the live model in model.dir]")
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="only the split's first N events")
+@click.option("--examples", type=click.IntRange(min=0), default=3, show_default=True,
+              help="events shown in full, with an APPROVE change found and without")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/counterfactual",
+              show_default=True, help="folder for report.md and report.json")
+def explain(config: str | None, model_dir: str | None, split: str, limit: int | None, examples: int,
+            out_dir: str) -> None:
+    """Counterfactual explanations of the fast model on a data set split: for each event it does not approve, the
+    smallest change to the model card's actionable features that would flip it (what Decide returns with
+    explain=true)."""
+    from riskcascade.explain_report import explain_split, write_explain_report
+
+    settings = _settings(config)
+    folder = live_model_dir(Path(model_dir) if model_dir else settings.model.dir)
+    words = ["riskcascade", "explain", *(["--config", config] if config else []),
+             *(["--model-dir", model_dir] if model_dir else []), "--split", split,
+             *(["--limit", str(limit)] if limit else []), "--examples", str(examples), "--out", out_dir]
+    report = explain_split(settings, folder, _data_events(settings), split, limit, examples,
+                           " ".join(shlex.quote(w) for w in words))
+    if not report["actionable"]:
+        click.echo(f"model {report['model_version']} declares no actionable features (a card written before them, or "
+                   "a data set without them): every search finds none; retrain to write them", err=True)
+    md, _ = write_explain_report(report, Path(out_dir))
+    asked = report["at_or_above_band"]
+    found = report["outcomes"].get("approve:found", 0)
+    click.echo(f"{report['events']:,} events, {asked:,} not approved by the fast model; an actionable change to "
+               f"APPROVE found for {found:,} ({found / max(asked, 1):.1%}); report in {md}")
+
+
+@main.command()
+@config_option
 @click.option("--model", "version", default=None,
               help="the candidate model version in the registry (`riskcascade model list`)")
 @click.option("--model-dir", "model_dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -171,6 +207,27 @@ def backtest(config: str | None, version: str | None, model_dir: str | None, ban
     except (BacktestError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"report in {out_dir}/backtest.md")
+
+
+@main.command()
+@config_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/distill", show_default=True,
+              help="folder for distill.md, distill.json and distill.png")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def distill(config: str | None, out_dir: str, quiet: bool) -> None:
+    """Retrain the fast model with the reasoner's verdicts on escalated events as soft labels (labels only as they
+    had arrived), in rounds over later periods; publish each round's winner (not live) and report every variant
+    on a later period (needs `train` and `index`; settings under distill:)."""
+    from riskcascade.distill import run_distillation
+
+    settings = _settings(config)
+    try:
+        report = run_distillation(settings, Path(out_dir), command=_command_line(), progress=not quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for rnd in report["rounds"]:
+        click.echo(f"round {rnd['round']}: winner {rnd['winner']}, published {rnd['published']} (not live)")
+    click.echo(f"report in {out_dir}/distill.md")
 
 
 @main.command(name="eval")

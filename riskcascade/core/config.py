@@ -166,6 +166,11 @@ class ModelSettings(_Section):
             "entity-state features returned on each decision (Decision.state_features), when the model has them"
         ),
     )
+    counterfactual_max_rows: int = Field(
+        512, ge=1,
+        description="most changed events one counterfactual search scores (in one model run); the search takes the "
+        "changes of fewest features first, so a cut only drops the larger ones (riskcascade/core/counterfactual.py)",
+    )
 
 
 class DataSettings(_Section):
@@ -205,6 +210,51 @@ class PricingSettings(_Section):
         0.0006, ge=0, allow_inf_nan=False,
         description="price of 1,000 answer tokens from a hosted LLM backend, in USD; illustrative (a small model)",
     )
+
+
+class ActionableFeature(_Section):
+    """A request feature the customer or merchant can change, and the moves allowed (counterfactual explanations,
+    riskcascade/core/counterfactual.py). Exactly one of ``set_to`` / ``scale_to``."""
+
+    name: str = Field(min_length=1, description="the request feature (a model input)")
+    set_to: tuple[float, ...] = Field((), description="values it may be set to, e.g. (0,) for a flag")
+    scale_to: tuple[float, ...] = Field(
+        (), description="fractions of its current value it may be lowered to, each in (0, 1)"
+    )
+    moves_with: tuple[str, ...] = Field(
+        (), description="derived features scaled by the same fraction (kept consistent: amount -> amount ratio)"
+    )
+    action: str = Field(min_length=1, description="the move in words, as a customer would be told it")
+    spoofable: bool = Field(
+        False, description="a fraudster can fake this change cheaply (a spoofed device, a proxy): returned with the "
+        "change so a caller can choose not to show it as advice",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind_of_move(self) -> "ActionableFeature":
+        if bool(self.set_to) == bool(self.scale_to):
+            raise ValueError(f"{self.name}: give exactly one of set_to and scale_to")
+        if any(not 0.0 < f < 1.0 for f in self.scale_to):
+            raise ValueError(f"{self.name}: scale_to fractions must lie in (0, 1)")
+        if self.moves_with and not self.scale_to:
+            raise ValueError(f"{self.name}: moves_with needs scale_to (coupled features move by the same fraction)")
+        if self.name in self.moves_with:
+            raise ValueError(f"{self.name}: a feature cannot move with itself")
+        return self
+
+
+# The synthetic generator's features a customer or merchant controls (see riskcascade/modelling/synthetic.py);
+# training keeps the ones its data set has. Everything else is history, time or behaviour already shown.
+DEFAULT_ACTIONABLE_FEATURES = (
+    ActionableFeature(name="amount", scale_to=(0.9, 0.75, 0.5, 0.25), moves_with=("amount_to_typical_ratio",),
+                      action="lower the amount"),
+    ActionableFeature(name="shipping_billing_mismatch", set_to=(0.0,), action="ship to the billing address"),
+    ActionableFeature(name="promo_used", set_to=(0.0,), action="drop the promotion code"),
+    ActionableFeature(name="new_device", set_to=(0.0,), action="use a device already known on the account",
+                      spoofable=True),
+    ActionableFeature(name="new_ip", set_to=(0.0,), action="use a network already known on the account",
+                      spoofable=True),
+)
 
 
 class TrainingSettings(_Section):
@@ -253,6 +303,19 @@ class TrainingSettings(_Section):
     onnx_parity_missing_cell_share: float = Field(
         0.2, gt=0, le=1, description="share of cells blanked in those copied rows"
     )
+    actionable_features: tuple[ActionableFeature, ...] = Field(
+        DEFAULT_ACTIONABLE_FEATURES,
+        description="request features a customer or merchant can change, with their allowed moves; written into the "
+        "model card (those the data set has) for counterfactual explanations",
+    )
+
+    @field_validator("actionable_features")
+    @classmethod
+    def _actionable_once(cls, value: tuple[ActionableFeature, ...]) -> tuple[ActionableFeature, ...]:
+        names = [n for a in value for n in (a.name, *a.moves_with)]
+        if len(names) != len(set(names)):
+            raise ValueError("each feature may appear once among actionable names and their moves_with")
+        return value
 
 
 class EvaluationSettings(_Section):
@@ -270,6 +333,45 @@ class BacktestSettings(_Section):
     """Replaying recorded decisions through a candidate model or band (riskcascade/backtest.py)."""
 
     examples: int = Field(10, ge=0, description="changed decisions the backtest report shows one by one")
+
+
+class DistillSettings(_Section):
+    """Retraining the fast model with the reasoner's verdicts as soft labels (riskcascade/distill.py).
+
+    The events after the live model's fitting period (the data set's test split) are cut, in time order, into one
+    teaching period per round, then a selection period (where the winner rule is applied) and a report period (the
+    rest: never used to fit or to choose)."""
+
+    teaching_shares: tuple[float, ...] = Field(
+        (0.25, 0.25), min_length=1,
+        description="share of the post-fitting events taught on in each round, in time order (one per round)",
+    )
+    selection_share: float = Field(0.25, gt=0, lt=1, description="share of them the winner is chosen on")
+    valid_share: float = Field(
+        0.15, gt=0, lt=1, description="share of the fitting and taught events with a label arrived by the cut, the "
+        "latest by event time, that validates each student (early stopping, calibration, band)",
+    )
+    teacher_weight: float = Field(0.3, gt=0, le=1, description="weighted variant: weight of a teacher's soft label")
+    confidence_margin: float = Field(
+        0.2, ge=0, lt=0.5, description="filtered variant: keep a soft label p only when |p - 0.5| >= this"
+    )
+    sample_share: float = Field(
+        0.5, gt=0, le=1,
+        description="sampled variant: share of the teacher's labels kept, those the hard-label student is least "
+        "sure of (calibrated score nearest 0.5)",
+    )
+    max_ap_loss: float = Field(
+        0.005, ge=0, le=1,
+        description="winner rule: a variant qualifies when its cascade AP on the selection period is at most this "
+        "below the hard-label baseline's; the qualifying one with the lowest cost per 1,000 decisions wins",
+    )
+
+    @model_validator(mode="after")
+    def _periods_leave_a_report(self) -> "DistillSettings":
+        if sum(self.teaching_shares) + self.selection_share >= 1 or min(self.teaching_shares) <= 0:
+            raise ValueError("teaching_shares must be positive and, with selection_share, sum to less than 1 "
+                             "(the rest is the report period)")
+        return self
 
 
 class StateSettings(_Section):
@@ -786,6 +888,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
     backtest: BacktestSettings = BacktestSettings()
+    distill: DistillSettings = DistillSettings()
     state: StateSettings = StateSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     resilience: ResilienceSettings = ResilienceSettings()

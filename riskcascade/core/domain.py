@@ -128,11 +128,20 @@ class ScoreRequest:
     occurred_at: float | None = None  # event time, seconds since the epoch (UTC); None = when it is scored
     model_version: str = ""  # the model version to score with (the gateway's live one); "" = the scorer's default
     shadow_version: str = ""  # a candidate version to score the same rows with, beside (never instead of) it
+    # ask for counterfactuals against this escalation band (band_low, band_high): the gateway's live band, which the
+    # config may set apart from the card's. None (the default) = not asked; only asking rows pay for the search
+    counterfactual_band: tuple[float, float] | None = None
+
+    @property
+    def counterfactual(self) -> bool:
+        """The caller asked for counterfactual explanations of this event."""
+        return self.counterfactual_band is not None
 
     @classmethod
     def of(cls, request_id: str, event_type: "EventType", entities: Entities, features: dict[str, float],
            trace_carrier: dict[str, str] | None = None, occurred_at: datetime | None = None,
-           model_version: str = "", shadow_version: str = "") -> "ScoreRequest":
+           model_version: str = "", shadow_version: str = "",
+           counterfactual_band: tuple[float, float] | None = None) -> "ScoreRequest":
         return cls(
             request_id=request_id,
             features=features,
@@ -142,7 +151,36 @@ class ScoreRequest:
             occurred_at=occurred_at.timestamp() if occurred_at is not None else None,
             model_version=model_version,
             shadow_version=shadow_version,
+            counterfactual_band=counterfactual_band,
         )
+
+
+@dataclass(frozen=True)
+class FeatureChange:
+    """One request feature a counterfactual changes, from the event's value to the one that flips the decision."""
+
+    feature: str
+    from_value: float
+    to_value: float
+    action: str = ""  # the move in words (the model card's actionable entry), or the feature it is derived from
+    spoofable: bool = False  # a fraudster can fake this change cheaply: not advice to show without care
+    derived: bool = False  # moved with another feature to stay consistent (amount -> amount_to_typical_ratio)
+
+
+@dataclass(frozen=True)
+class Counterfactual:
+    """The smallest change to the event's actionable features (the model card's) that brings the FAST MODEL's
+    calibrated score below ``threshold`` (the band's low edge: APPROVE; or its high edge: out of BLOCK, to the band).
+    ``found`` False: no allowed combination of moves reaches it (said, never invented); ``score`` is then the
+    lowest score any candidate reached."""
+
+    target: Action  # APPROVE (below band_low) or REVIEW (below band_high, leaving BLOCK)
+    threshold: float
+    found: bool
+    changes: tuple[FeatureChange, ...] = ()
+    score: float = 0.0  # the changed event's calibrated fast score (found), or the lowest reached (not found)
+    original_score: float = 0.0
+    candidates: int = 0  # changed events scored in the search
 
 
 @dataclass(frozen=True)
@@ -157,6 +195,9 @@ class FastScore:
     state_features: dict[str, float] = field(default_factory=dict)  # reported entity-state features (see proto)
     shadow_score: float | None = None  # the shadow version's calibrated score of the same row, when one was named
     shadow_version: str = ""
+    # asked for (ScoreRequest.counterfactual_band) and scored at or above band_low: the change to APPROVE, then for a
+    # score at or above band_high the change out of BLOCK; () otherwise
+    counterfactuals: tuple[Counterfactual, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,6 +250,7 @@ class Decision:
     reasoner_backend: str = ""
     state_features: dict[str, float] = field(default_factory=dict)
     shadow: "ShadowDecision | None" = None  # what a candidate beside the live one would have decided: recorded only
+    counterfactuals: tuple[Counterfactual, ...] = ()  # asked for, REVIEW/BLOCK only: flips of the fast model's view
 
 
 @dataclass(frozen=True)

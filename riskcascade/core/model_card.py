@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from riskcascade.core.calibration import PlattCalibrator
+from riskcascade.core.config import ActionableFeature
 
 ONNX_FILE = "model.onnx"
 BOOSTER_FILE = "model.lgb.txt"
@@ -66,6 +67,9 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    # request features a customer or merchant can change, with their moves (counterfactual explanations); empty for
+    # a card written before cards declared them, or a data set without such features: no counterfactual is offered
+    actionable: list[ActionableFeature] = Field(default_factory=list)
 
 
 def load_model_card(model_dir: Path) -> ModelCard:

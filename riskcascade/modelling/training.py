@@ -43,12 +43,14 @@ from tqdm import tqdm  # noqa: E402
 
 from riskcascade.core.calibration import PlattCalibrator  # noqa: E402
 from riskcascade.core.config import (  # noqa: E402
+    ActionableFeature,
     DriftSettings,
     Settings,
     StateSettings,
     TrainingSettings,
     ValidationSettings,
 )
+from riskcascade.core.counterfactual import servable_actionable  # noqa: E402
 from riskcascade.core.drift import REFERENCE_FILE, DriftReference  # noqa: E402
 from riskcascade.core.features import FeatureLayout  # noqa: E402
 from riskcascade.core.model_card import (  # noqa: E402
@@ -94,6 +96,7 @@ ONNX_INPUT = "features"
 ONNX_OUTPUT = "probabilities"  # [N, 2]: P(legitimate), P(fraud)
 ONNX_TARGET_OPSET = 15  # highest default-domain opset onnxmltools 1.16 converts LightGBM for
 STD_FLOOR = 1e-6
+SOFT_LABEL_OBJECTIVE = "cross_entropy"  # LightGBM's objective for labels in [0, 1] (xentropy)
 
 
 def snap_thresholds_to_float32(model_text: str) -> str:
@@ -120,6 +123,13 @@ def snap_thresholds_to_float32(model_text: str) -> str:
             snapped = [v if cat else _float32_at_or_below(float(v)) for v, cat in zip(values, categorical)]
             lines[threshold_line] = "threshold=" + " ".join(snapped)
     return "\n".join(line for line in lines if not line.startswith("tree_sizes="))
+
+
+def as_binary_objective(model_text: str) -> str:
+    """The model text with a cross-entropy objective relabelled binary (sigmoid 1): both predict the sigmoid of
+    the raw score, and onnxmltools converts only the binary one. Other objectives are returned unchanged."""
+    return (model_text.replace(f"\nobjective={SOFT_LABEL_OBJECTIVE}\n", "\nobjective=binary sigmoid:1\n")
+            .replace(f"\n[objective: {SOFT_LABEL_OBJECTIVE}]\n", "\n[objective: binary]\n"))
 
 
 def _float32_at_or_below(value: float) -> str:
@@ -275,11 +285,20 @@ def _early_stopping(patience: int, min_rounds: int):  # noqa: ANN202 - a LightGB
 def fit_fast_model(
     dataset: Dataset, split: np.ndarray, config: TrainingSettings, seed: int, progress: bool = False,
     state: StateSettings | None = None, drift_bins: int = DriftSettings().bins,
+    train_targets: np.ndarray | None = None, train_weights: np.ndarray | None = None,
 ) -> TrainedModel:
     """Fit the whole fast model on one split of ``dataset``; RuntimeError when ONNX disagrees with LightGBM.
 
     Rows without a label (labels -1) feed the entity features (state, graph) and never the loss or the metrics.
-    ``state`` gives the windows of the time-true entity features (defaults when None)."""
+    ``state`` gives the windows of the time-true entity features (defaults when None). A row whose split is none
+    of train / valid / test feeds only the entity features.
+
+    ``train_targets`` (float [N], NaN = not a target) replaces the train part's labels with targets in [0, 1]
+    (soft labels, e.g. a teacher's probabilities: riskcascade/distill.py), fitted by LightGBM's cross-entropy
+    objective with ``train_weights`` (float [N]; None = 1); validation, calibration, band and metrics keep the
+    data set's labels. Cross-entropy's prediction is the binary objective's sigmoid of the same raw score, so the
+    booster is saved as binary (ONNX conversion knows no cross-entropy) and the snapping check below proves the
+    relabelled booster predicts the same."""
     clock = _StageClock(progress)
     state = state or StateSettings()
     try:
@@ -288,7 +307,11 @@ def fit_fast_model(
         cutoffs = label_cutoffs(dataset, split) if config.labels_known_by_split else {}
         for name, cutoff in cutoffs.items():  # labels not yet arrived at fitting time feed only the entity state
             rows[name] &= dataset.label_times <= cutoff
+        if train_targets is not None:
+            rows["train"] = (split == "train") & ~np.isnan(train_targets)
         y = {name: dataset.labels[mask] for name, mask in rows.items()}
+        if train_targets is not None:
+            y["train"] = train_targets[rows["train"]].astype(np.float64)
         rng = np.random.default_rng(seed)
 
         clock.start("features")
@@ -320,8 +343,11 @@ def fit_fast_model(
             "num_threads": config.threads,
             "seed": seed,
         }
+        if train_targets is not None:
+            params["objective"] = SOFT_LABEL_OBJECTIVE
         train_set = lgb.Dataset(
             with_missing_values(x["train"], config.missing_value_share, rng), y["train"],
+            weight=None if train_weights is None else train_weights[rows["train"]],
             feature_name=_lightgbm_names(names),
         )
         valid_set = lgb.Dataset(x["valid"], y["valid"], reference=train_set)
@@ -331,7 +357,7 @@ def fit_fast_model(
         )
         best_iteration = booster.best_iteration or booster.current_iteration()
         trained = lgb.Booster(model_str=booster.model_to_string(num_iteration=best_iteration))
-        booster = lgb.Booster(model_str=snap_thresholds_to_float32(trained.model_to_string()))
+        booster = lgb.Booster(model_str=snap_thresholds_to_float32(as_binary_objective(trained.model_to_string())))
 
         clock.start("calibration")
         raw_valid = booster.predict(x["valid"])
@@ -498,6 +524,11 @@ def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any],
         data={"dataset": model.dataset_name, "counts": model.counts, "fraud_rate": model.fraud_rate, **data},
         training={**model.training, "feature_range_margin": range_margin},
         feature_ranges={n: list(r) for n, r in plausible_ranges(model.input_extremes, range_margin).items()},
+        # the configured actionable features this data set has (training.actionable_features, as fitted with)
+        actionable=servable_actionable(
+            [ActionableFeature.model_validate(a) for a in model.training["config"].get("actionable_features", ())],
+            layout.numeric,
+        ),
     )
     staged: list[tuple[Path, bytes]] = [(model_dir / ONNX_FILE, model.onnx_model)]
     if model.anomaly_onnx:

@@ -115,6 +115,7 @@ class FastScorer:
             reported_state_features=config.model.reported_state_features,
             reasons_for=config.model.reasons_for,
             drift_window=config.drift.window_events if config.drift.enabled else 0,
+            counterfactual_max_rows=config.model.counterfactual_max_rows,
         ), live_dir)
         self._loading: asyncio.Task[None] | None = None  # a reconfigure's model load, in the background
         self._arrivals = ArrivalGate()

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -26,8 +26,11 @@ import lightgbm as lgb  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+from riskcascade.core.config import ModelSettings  # noqa: E402
+from riskcascade.core.counterfactual import find_counterfactuals  # noqa: E402
 from riskcascade.core.domain import (  # noqa: E402
     EVENT_TYPE_ATTRIBUTE,
+    Counterfactual,
     Entities,
     FastScore,
     ReasonCode,
@@ -52,7 +55,8 @@ BELOW_BAND_CODE = "SCORE_BELOW_BAND"
 class FastModel:
     def __init__(self, model_dir: Path, threads: int = 1, reason_count: int = 3, prefer_gpu: bool = True,
                  state: EntityState | None = None, reported_state_features: Sequence[str] = (),
-                 reasons_for: str = REASONS_ALL, drift_window: int = 0):
+                 reasons_for: str = REASONS_ALL, drift_window: int = 0,
+                 counterfactual_max_rows: int = ModelSettings().counterfactual_max_rows):
         model_dir = Path(model_dir)
         self.card: ModelCard = load_model_card(model_dir)
         self._layout = FeatureLayout.load(model_dir)
@@ -71,6 +75,7 @@ class FastModel:
         self._reported = [(n, names.index(n)) for n in reported_state_features if n in names and self.state]
         self._calibrator = self.card.calibration.calibrator()
         self._reason_count = reason_count
+        self._counterfactual_max_rows = counterfactual_max_rows
         if reasons_for not in (REASONS_ALL, REASONS_AT_RISK):
             raise ValueError(f"reasons_for must be {REASONS_ALL!r} or {REASONS_AT_RISK!r}, not {reasons_for!r}")
         # rows scored below this get the band summary instead of per-feature attributions (see _reasons)
@@ -165,6 +170,39 @@ class FastModel:
         if self.drift is not None and live:
             self.drift.add(x, np.fromiter((s.score for s in scores), dtype=np.float64, count=len(scores)))
         return scores
+
+    def with_counterfactuals(self, requests: Sequence[ScoreRequest], state_features: np.ndarray | None,
+                             scores: Sequence[FastScore]) -> list[FastScore]:
+        """``scores`` (this model's of ``requests``, whose state features were ``state_features``) with the
+        counterfactuals of the rows that asked for them (``ScoreRequest.counterfactual_band``); other rows as given."""
+        return [
+            replace(s, counterfactuals=self.counterfactuals(r, None if state_features is None else state_features[i],
+                                                            s.score))
+            if r.counterfactual_band is not None else s
+            for i, (r, s) in enumerate(zip(requests, scores))
+        ]
+
+    def counterfactuals(self, request: ScoreRequest, state_row: np.ndarray | None, score: float
+                        ) -> tuple[Counterfactual, ...]:
+        """The smallest changes of the card's actionable features that bring ``score`` (this model's of ``request``)
+        below the edges of ``request.counterfactual_band`` (riskcascade/core/counterfactual.py). Every candidate goes
+        through the serving path in one model run: the changed request features, the original row's entity-state
+        features ``state_row`` (the state as it stood before the event, never refolded: the candidates are not
+        events), the anomaly score recomputed from the changed features, calibration."""
+        if request.counterfactual_band is None:
+            return ()
+        band_low, band_high = request.counterfactual_band
+
+        def score_rows(rows: Sequence[dict[str, float]]) -> list[float]:
+            changed = [replace(request, features=row) for row in rows]
+            states = None if state_row is None else np.repeat(state_row[None, :], len(rows), axis=0)
+            raw = self._raw(changed)
+            x = self.model_input(self._layout.transform(
+                raw, [r.attributes for r in changed], [r.entities for r in changed], states))
+            return [s.score for s in self.score_matrix(x, reasons=False)]
+
+        return find_counterfactuals(request.features, self.card.actionable, score_rows, score, band_low, band_high,
+                                    self._counterfactual_max_rows)
 
     def drift_snapshot(self, floor: float) -> tuple[dict[str, float], float, int] | None:
         """(PSI per model input, PSI of the score, events in the window), or None without a reference. Call it from

@@ -78,7 +78,8 @@ class ModelShelf:
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[FastScore]:
         """Score each request with the version it names, in order within each version (one run per version), and
-        with its shadow version too where it names one (the same rows and state features, folded once)."""
+        with its shadow version too where it names one (the same rows and state features, folded once), and with
+        counterfactual explanations where a request asks (FastModel.with_counterfactuals)."""
         groups: dict[tuple[str, str], list[int]] = {}
         for i, request in enumerate(requests):
             version = request.model_version or self.default
@@ -95,10 +96,15 @@ class ModelShelf:
 
     def _score_group(self, version: str, shadow: str, requests: Sequence[ScoreRequest]) -> list[FastScore]:
         model = self.model(version)
-        if not shadow:
+        explain = any(r.counterfactual_band is not None for r in requests)
+        if not shadow and not explain:
             return model.score_batch(requests)
-        candidate = self.model(shadow)
+        candidate = self.model(shadow) if shadow else None  # loaded before the fold: a failed load folds nothing
         folded = model.fold(requests)  # once: the state sees each event once, whoever scores it
         scores = model.score_batch(requests, folded)
+        if explain:  # the asking rows' counterfactuals, by the version that scored them, on the same state rows
+            scores = model.with_counterfactuals(requests, folded, scores)
+        if candidate is None:
+            return scores
         shadowed = candidate.score_batch(requests, folded, live=False)
         return [replace(s, shadow_score=c.score, shadow_version=c.model_version) for s, c in zip(scores, shadowed)]
