@@ -57,6 +57,7 @@ from loadtest.cost import (
 )
 from riskcascade.core.config import PricingSettings
 from riskcascade.core.model_registry import live_model_dir
+from riskcascade.report_paths import shown_path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "loadtest" / "results"
@@ -235,14 +236,6 @@ def measure(settings, n_events: int, progress: bool = True) -> Measurement:
     )
 
 
-def _shown(path: Path | None) -> str:
-    """A path as the report shows it: relative to the repository when inside it (no machine's layout)."""
-    if path is None:
-        return ""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
 def stage_costs(m: Measurement, platform_cpu_ms: float | None) -> tuple[StageCosts, str]:
     """The measured stage costs and, in words, what the fast path's CPU covers."""
     if platform_cpu_ms is not None:
@@ -284,9 +277,10 @@ def report(m: Measurement, settings, points: Sequence[BandPoint], costs: StageCo
         "protocol": PROTOCOL,
         "backend": settings.llm.backend,
         "data": {
-            "dir": _shown(settings.data.dir), "model_dir": _shown(settings.model.dir), "model_version": m.model_version,
-            "case_memory": (_shown(settings.retrieval.edge_path) if settings.retrieval.backend == "edge"
-                            else settings.retrieval.qdrant_url or _shown(settings.retrieval.qdrant_path)),
+            "dir": shown_path(settings.data.dir), "model_dir": shown_path(settings.model.dir),
+            "model_version": m.model_version,
+            "case_memory": (shown_path(settings.retrieval.edge_path) if settings.retrieval.backend == "edge"
+                            else settings.retrieval.qdrant_url or shown_path(settings.retrieval.qdrant_path)),
             "test_events": m.test_events, "test_range": list(m.test_range),
             "subset": f"the first {len(m.events)} test events in time order",
             "subset_events": len(m.events), "subset_range": [m.events[0].occurred_at.isoformat(),

@@ -33,7 +33,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import yaml
 
 from loadtest import machine, plots
 from loadtest.loadgen import LoadSpec, format_result
+from loadtest.local_server import free_port
 from loadtest.machine import ProcessGroups
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,12 +74,6 @@ GOAL_BULK_DECISIONS = 10_000.0
 LOADGEN_SLACK_S = 180
 ORCHESTRATOR_ROWS = ("clear-", "mix-", "batch-", "stream-", "sweep-")  # ids of the rows through the orchestrator
 FAST_PATH_GROUPS = ("orchestrator", "scorer")  # whose CPU a decision always pays for (cost.py: the fast path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from loadtest.local_server import free_port, stop_process
+
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 ROLE = "riskcascade"
@@ -38,11 +40,6 @@ def postgres_binaries() -> Path | None:
             return Path(folder)
     return None
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _owner() -> dict[str, str]:
@@ -75,7 +72,7 @@ def running_postgres(binaries: Path, attempts: int = 3) -> Iterator[str]:
             check=True, capture_output=True, timeout=START_TIMEOUT_S, cwd=folder, **_owner(),
         )
         for attempt in range(attempts):
-            port = _free_port()
+            port = free_port()
             with log.open("ab") as errors:  # the child keeps its own copy of the descriptor
                 process = subprocess.Popen(
                     [str(binaries / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
@@ -87,7 +84,8 @@ def running_postgres(binaries: Path, attempts: int = 3) -> Iterator[str]:
                     yield f"postgresql://{ROLE}@127.0.0.1:{port}/postgres"
                     return
             finally:
-                _stop(process)
+                # SIGINT: PostgreSQL's "fast" shutdown, clients still connected are disconnected
+                stop_process(process, STOP_TIMEOUT_S, signal.SIGINT)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -112,17 +110,6 @@ def _wait_until_it_answers(process: subprocess.Popen, port: int, log: Path, last
         if time.monotonic() > deadline:
             raise TimeoutError(f"postgres did not accept connections on port {port} in {START_TIMEOUT_S:.0f} s")
         time.sleep(0.1)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)  # "fast" shutdown: clients still connected are disconnected
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(STOP_TIMEOUT_S)
 
 
 def create_database(url: str, name: str) -> str:

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from loadtest.local_server import free_port, stop_process
+
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
@@ -23,11 +25,6 @@ def redis_server_binary() -> str | None:
     """The path of ``redis-server``, or None when it is not installed."""
     return shutil.which("redis-server")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers_ping(port: int) -> bool:
@@ -46,7 +43,7 @@ def running_redis(binary: str, attempts: int = 3) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="rc-redis-") as folder:
         log = Path(folder) / "redis.log"
         for attempt in range(attempts):
-            port = _free_port()
+            port = free_port()
             process = subprocess.Popen(
                 [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                  "--daemonize", "no", "--dir", folder, "--logfile", str(log)],
@@ -57,7 +54,7 @@ def running_redis(binary: str, attempts: int = 3) -> Iterator[str]:
                     yield f"redis://127.0.0.1:{port}/0"
                     return
             finally:
-                _stop(process)
+                stop_process(process, STOP_TIMEOUT_S)
 
 
 def _wait_until_it_answers(process: subprocess.Popen, port: int, log: Path, last: bool) -> bool:
@@ -72,14 +69,3 @@ def _wait_until_it_answers(process: subprocess.Popen, port: int, log: Path, last
             raise TimeoutError(f"redis-server did not answer PING on port {port} in {START_TIMEOUT_S:.0f} s")
         time.sleep(0.05)
     return True
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(STOP_TIMEOUT_S)

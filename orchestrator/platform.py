@@ -70,11 +70,11 @@ def check_replica_counts(config: dict[str, Any], settings: Settings) -> None:
              settings.ray.reasoner_app: (shared_memory, "retrieval.backend: qdrant with retrieval.qdrant_url")}
     for app in config.get("applications", []):
         allowed, what = needs.get(app.get("name"), (True, ""))
-        for deployment in app.get("deployments") or []:
-            if not allowed and most_replicas(deployment) > 1:
+        for deployment in [] if allowed else app.get("deployments") or []:
+            if (most := most_replicas(deployment)) > 1:
                 raise PlatformError(
-                    f"{settings.ray.serve_config}: {app['name']}/{deployment.get('name')} may run "
-                    f"{most_replicas(deployment)} replicas, which share their state only with {what}")
+                    f"{settings.ray.serve_config}: {app['name']}/{deployment.get('name')} may run {most} replicas, "
+                    f"which share their state only with {what}")
 
 
 def with_stage_resources(config: dict[str, Any], settings: Settings) -> dict[str, Any]:

@@ -59,18 +59,20 @@ log = logging.getLogger(__name__)
 # SQLite's default limit on host parameters in one statement is 32766 (999 before 3.32): stay well under both
 _MAX_QUERY_PARAMETERS = 500
 
-_SQLITE_SCHEMA = """
+# One schema, two dialects (the column types below). decided_at holds ISO-8601 UTC text on both backends, so times
+# compare and sort the same way in each.
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
     request_id   TEXT PRIMARY KEY,
     fingerprint  TEXT NOT NULL,
     action       TEXT NOT NULL,
-    risk_score   REAL NOT NULL,
+    risk_score   {real} NOT NULL,
     decided_by   TEXT NOT NULL,
     event_type   TEXT NOT NULL,
     degraded     INTEGER NOT NULL,
     decided_at   TEXT NOT NULL,
-    payload      BLOB NOT NULL,
-    event        BLOB NOT NULL DEFAULT x'',
+    payload      {blob} NOT NULL,
+    event        {blob} NOT NULL DEFAULT {empty_blob},
     attempts     INTEGER NOT NULL DEFAULT 1,
     shadow       TEXT NOT NULL DEFAULT ''
 );
@@ -83,35 +85,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     recorded_at  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_by_request ON feedback(request_id);
+CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions(decided_at);
 """
-
-# decided_at holds ISO-8601 UTC text on both backends, so times compare and sort the same way in each
-_POSTGRES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS decisions (
-    request_id   TEXT PRIMARY KEY,
-    fingerprint  TEXT NOT NULL,
-    action       TEXT NOT NULL,
-    risk_score   DOUBLE PRECISION NOT NULL,
-    decided_by   TEXT NOT NULL,
-    event_type   TEXT NOT NULL,
-    degraded     INTEGER NOT NULL,
-    decided_at   TEXT NOT NULL,
-    payload      BYTEA NOT NULL,
-    event        BYTEA NOT NULL DEFAULT '',
-    attempts     INTEGER NOT NULL DEFAULT 1,
-    shadow       TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS feedback (
-    feedback_id  TEXT PRIMARY KEY,
-    request_id   TEXT NOT NULL REFERENCES decisions(request_id),
-    outcome      TEXT NOT NULL,
-    risk_type    TEXT NOT NULL,
-    note         TEXT NOT NULL,
-    recorded_at  TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feedback_by_request ON feedback(request_id);
-"""
-_DECIDED_AT_INDEX = "CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions(decided_at)"
+_SQLITE_SCHEMA = _SCHEMA.format(real="REAL", blob="BLOB", empty_blob="x''")
+_POSTGRES_SCHEMA = _SCHEMA.format(real="DOUBLE PRECISION", blob="BYTEA", empty_blob="''")
 # an arbitrary constant: the advisory lock orchestrators take while creating the schema
 _SCHEMA_LOCK_KEY = 0x7269736B
 
@@ -495,7 +472,6 @@ class SQLiteDecisionStore(DecisionStore):
             conn.execute("ALTER TABLE decisions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
         if "shadow" not in columns:  # a store written before shadow decisions were recorded
             conn.execute("ALTER TABLE decisions ADD COLUMN shadow TEXT NOT NULL DEFAULT ''")
-        conn.execute(_DECIDED_AT_INDEX)
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -528,7 +504,7 @@ class PostgresDecisionStore(DecisionStore):
     def _create_schema(self, conn: Any) -> None:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-            for statement in (*_statements(_POSTGRES_SCHEMA), _DECIDED_AT_INDEX):
+            for statement in _statements(_POSTGRES_SCHEMA):
                 conn.execute(statement)
 
     def _begin(self, conn: Any) -> None:

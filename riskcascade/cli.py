@@ -16,7 +16,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shlex
 import signal
 import sys
 import time
@@ -137,11 +136,7 @@ def explain(config: str | None, model_dir: str | None, split: str, limit: int | 
 
     settings = _settings(config)
     folder = live_model_dir(Path(model_dir) if model_dir else settings.model.dir)
-    words = ["riskcascade", "explain", *(["--config", config] if config else []),
-             *(["--model-dir", model_dir] if model_dir else []), "--split", split,
-             *(["--limit", str(limit)] if limit else []), "--examples", str(examples), "--out", out_dir]
-    report = explain_split(settings, folder, _data_events(settings), split, limit, examples,
-                           " ".join(shlex.quote(w) for w in words))
+    report = explain_split(settings, folder, _data_events(settings), split, limit, examples, _command_line())
     if not report["actionable"]:
         click.echo(f"model {report['model_version']} declares no actionable features (a card written before them, or "
                    "a data set without them): every search finds none; retrain to write them", err=True)

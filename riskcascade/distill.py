@@ -49,6 +49,7 @@ from riskcascade.core.model_registry import ModelRegistry
 from riskcascade.core.policy import Route, escalation_policy
 from riskcascade.evaluate_cascade import review_each, time_true_inputs
 from riskcascade.modelling.datasets.format import Dataset
+from riskcascade.report_paths import shown_path
 
 HARD_ONLY, FULL, WEIGHTED, FILTERED, SAMPLED = (
     "hard_only", "teacher_full", "teacher_weighted", "teacher_filtered", "teacher_sampled")
@@ -323,7 +324,7 @@ def run_distillation(settings: Settings, out_dir: Path, command: str, progress: 
     if {k: live_card.data.get("counts", {}).get(k) for k in fitted} != fitted:
         raise ValueError(f"the live model {live_card.version} was not fitted on {settings.data.dir}'s train and valid "
                          f"events ({live_card.data.get('counts')} vs {fitted}): distil against the data it knows")
-    source = {"dataset": "synthetic", "data_dir": str(settings.data.dir), "distilled_from": live_card.version}
+    source = {"dataset": "synthetic", "data_dir": shown_path(settings.data.dir), "distilled_from": live_card.version}
     live = run.score("live", live_dir)
     run.evaluate(live)
     teacher_model, teacher, rounds, curve = live, [], [], [live]
@@ -364,7 +365,7 @@ def run_distillation(settings: Settings, out_dir: Path, command: str, progress: 
         "band_rule": settings.training.band_rule, "target_escalation_share": settings.training.target_escalation_share,
         "costs": settings.training.costs.model_dump(), "live": _model_row(live), "rounds": rounds,
         "curve": [{"round": k, **_model_row(m)} for k, m in enumerate(curve)],
-        "registry": {"dir": str(settings.model.dir), "live": registry.live()},
+        "registry": {"dir": shown_path(settings.model.dir), "live": registry.live()},
     }
     write_report(report, out_dir)
     return report

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import grpc
 import pytest
 import yaml
 
+from loadtest.local_server import free_port  # noqa: F401 - the tests import it from here
 from tests.otlp_receiver import OtlpReceiver
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,12 +30,6 @@ START_TIMEOUT_S = 420
 STOP_TIMEOUT_S = 90
 TEST_EVENTS = 8000
 RESERVE_MS = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> set[int]:

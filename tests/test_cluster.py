@@ -110,7 +110,7 @@ def _ray_env(token_file: Path) -> dict[str, str]:
 def _start_node(args: list[str], env: dict[str, str], log: Path) -> RayNode:
     """``ray start --block`` with a short temporary folder of its own (Ray's unix sockets live under it) and free
     ports for everything a node listens on."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rc-ray-", dir="/tmp"))
+    temp_dir = Path(tempfile.mkdtemp(prefix="rc-ray-"))
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent))
     ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
              "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),

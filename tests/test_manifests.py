@@ -221,15 +221,20 @@ def test_the_orchestrator_mounts_its_config_and_the_tokens_file_it_names(tmp_pat
         volume = volumes[mount["name"]]
         if "configMap" in volume:
             data = by_kind(objects, "ConfigMap")[volume["configMap"]["name"]]["data"]
-        else:
+        elif "secret" in volume:
             secret = by_kind(objects, "Secret")[volume["secret"]["secretName"]]
             data = {**secret.get("stringData", {}), **secret.get("data", {})}
+        else:  # a writable folder (emptyDir): holds no file of ours
+            data = {}
         files.update({f"{mount['mountPath']}/{key}": volume for key in data})
     config_path = container["command"][container["command"].index("--config") + 1]
     assert config_path in files and "configMap" in files[config_path], f"--config {config_path} is not mounted"
     assert settings.security.tokens, "the orchestrator must check tokens"
     assert str(settings.security.tokens_file) in files, f"security.tokens_file {settings.security.tokens_file}"
     assert "secret" in files[str(settings.security.tokens_file)], "the tokens file comes from a Secret"
+    # the pid file is written at start: its folder must be a writable mount, not the image's read-only layers
+    writable = {m["mountPath"] for m in container["volumeMounts"] if "emptyDir" in volumes[m["name"]]}
+    assert str(settings.server.pid_file.parent) in writable, f"server.pid_file {settings.server.pid_file}"
 
 
 def test_the_orchestrator_probes_are_grpc_health_probes_on_its_grpc_port(tmp_path, monkeypatch):

@@ -233,8 +233,8 @@ def test_serve_deploy_of_the_serve_config_runs_both_applications_on_a_ray_head_o
         pytest.skip("no text embedder at var/embedding (make embedding)")
     serve_cli = shutil.which("serve", path=str(Path(sys.executable).parent))
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent))
-    # a short folder: Ray's unix sockets live under it (path length limit)
-    ray_dir = Path(tempfile.mkdtemp(prefix="rc-ray-", dir="/tmp"))
+    # a folder of its own in the temporary directory, kept short: Ray's unix sockets live under it (a 107-byte limit)
+    ray_dir = Path(tempfile.mkdtemp(prefix="rc-ray-"))
     token_file = ray_dir / "auth_token"
     token = secrets.token_hex(32)
     token_file.write_text(token)
