@@ -195,28 +195,29 @@ def measure(settings, n_events: int, progress: bool = True) -> Measurement:
     from riskcascade.core.domain import reasoner_fell_back
     from riskcascade.core.merge import MergeRules, merge
     from riskcascade.core.policy import Route, RoutingDecision
-    from riskcascade.evaluate_cascade import offline_scores, review_each, time_true_inputs
+    from riskcascade.evaluate_cascade import offline_scores, review_each, time_true_inputs, time_true_texts
     from riskcascade.modelling.datasets import read_split_events
     from services.scorer.fast_model import FastModel
 
     parts = read_split_events(settings.data.dir)
     model_dir = live_model_dir(settings.model.dir)
     model = FastModel(model_dir, threads=settings.model.onnx_threads,
-                      reason_count=settings.model.reason_count, prefer_gpu=False)
-    x_valid = model.model_input(time_true_inputs(model_dir, parts, "valid"))
+                      reason_count=settings.model.reason_count, prefer_gpu=False,
+                      embedding_dir=settings.retrieval.embedding_dir)
+    x_valid = model.model_input(time_true_inputs(model_dir, parts, "valid"), time_true_texts(parts, "valid"))
     started = time.process_time()
     batch = settings.evaluation.scoring_batch_size  # validation scoring only (band edges)
     validation = np.array([s.score for s in offline_scores(model, x_valid, batch)])
     model_cpu_batched = (time.process_time() - started) / len(x_valid)
     started = time.process_time()  # the second replay: numba's kernels are compiled by now
-    x_test = time_true_inputs(model_dir, parts, "test")
+    x_test, test_texts = time_true_inputs(model_dir, parts, "test"), time_true_texts(parts, "test")
     state_cpu = (time.process_time() - started) / sum(len(p) for p in parts.values())
     test = parts["test"]
     order = sorted(range(len(test)), key=lambda i: test[i].occurred_at)[:n_events]
     fast, fast_cpu = [], 0.0
     for i in tqdm(order, desc="fast scores (one event at a time)", unit="event", disable=not progress):
         started = time.process_time()
-        fast.append(model.score_matrix(model.model_input(x_test[i : i + 1]))[0])
+        fast.append(model.score_matrix(model.model_input(x_test[i : i + 1], test_texts[i : i + 1]))[0])
         fast_cpu += time.process_time() - started
     rules = MergeRules.from_settings(settings.merge)
     routing = RoutingDecision(Route.ESCALATE, "band sweep: every event of the subset is reviewed once")

@@ -83,6 +83,7 @@ class ScorerGrpcIngress:
         score = await self._scorer.score.remote(ScoreRequest.of(
             event.request_id, event.event_type, event.entities, event.features,
             occurred_at=event.occurred_at or datetime.now(timezone.utc),  # decided now: the arrival time, as ours
+            text=event.text,
         ))
         fast_ms = (time.perf_counter() - started) * 1000.0
         low, high = self._band

@@ -86,7 +86,7 @@ def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:
     from riskcascade.core.entity_state import EmbeddedEntityState
     from riskcascade.core.features import FeatureLayout
     from riskcascade.core.model_registry import live_model_dir
-    from riskcascade.modelling.synthetic import read_events_csv
+    from riskcascade.modelling.synthetic import event_text, read_events_csv
     from services.scorer.fast_model import FastModel
 
     # scored in the scorer's own batch size (its user_config in deploy/serve.yaml) to pick the clear ones
@@ -105,7 +105,8 @@ def prepare_events(settings, workdir: Path) -> tuple[Path, Path, dict]:
     def fresh_scores(chosen: list[int]) -> np.ndarray:
         model.state = EmbeddedEntityState(layout) if layout is not None else None
         requests = [ScoreRequest.of(events[i].case_id, events[i].event_type, events[i].entities,
-                                    dict(events[i].features), occurred_at=events[i].occurred_at) for i in chosen]
+                                    dict(events[i].features), occurred_at=events[i].occurred_at,
+                                    text=event_text(events[i])) for i in chosen]
         return np.array([s.score for start in range(0, len(requests), batch)
                          for s in model.score_batch(requests[start:start + batch])])
 

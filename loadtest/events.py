@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from risk.v1 import decision_pb2 as pb
-from riskcascade.modelling.synthetic import NOTE_FIELD, LabelledEvent
+from riskcascade.modelling.synthetic import LabelledEvent, event_text
 
 EVENT_TYPES = {
     "order": pb.EVENT_TYPE_ORDER,
@@ -25,7 +25,7 @@ def decide_request(event: LabelledEvent, request_id: str) -> pb.DecideRequest:
             entities=pb.Entities(account_id=en.account_id, seller_id=en.seller_id, device_id=en.device_id,
                                  ip=en.ip, payment_instrument_id=en.payment_instrument_id),
             features={k: v for k, v in event.features.items() if v == v},  # NaN means absent
-            text={NOTE_FIELD: event.note},
+            text=event_text(event),
         ),
     )
     request.event.occurred_at.FromDatetime(event.occurred_at)

@@ -186,7 +186,7 @@ class Cascade:
         t = time.monotonic()
         try:
             request = ScoreRequest.of(event.request_id, event.event_type, event.entities, event.features,
-                                      occurred_at=event.occurred_at, model_version=model.version,
+                                      occurred_at=event.occurred_at, model_version=model.version, text=event.text,
                                       shadow_version=shadow.model.version if shadow is not None else "",
                                       counterfactual_band=(model.policy.band_low, model.policy.band_high)
                                       if explain else None)

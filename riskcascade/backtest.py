@@ -206,7 +206,8 @@ def replay_scores(model: Any, decisions: Sequence[RecordedDecision], feedback: S
             flush()
             fold(due)
         e = d.event
-        batch.append(ScoreRequest.of(e.request_id, e.event_type, e.entities, e.features, occurred_at=e.occurred_at))
+        batch.append(ScoreRequest.of(e.request_id, e.event_type, e.entities, e.features, occurred_at=e.occurred_at,
+                                     text=e.text))
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -257,7 +258,7 @@ def run_backtest(
     policy = candidate_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high,
                               band or (None, None))
     model = FastModel(model_dir, threads=settings.model.onnx_threads, reason_count=settings.model.reason_count,
-                      prefer_gpu=False)
+                      prefer_gpu=False, embedding_dir=settings.retrieval.embedding_dir)
     scores = replay_scores(model, traffic.decisions, traffic.feedback, settings.evaluation.scoring_batch_size)[first:]
     labels = {f.request_id: f.fraud for f in traffic.feedback}  # the latest label known by as_of wins
     rules = MergeRules.from_settings(settings.merge)

@@ -47,7 +47,7 @@ from riskcascade.core.merge import MergeRules, merge
 from riskcascade.core.model_card import ModelCard, load_model_card
 from riskcascade.core.model_registry import ModelRegistry
 from riskcascade.core.policy import Route, escalation_policy
-from riskcascade.evaluate_cascade import review_each, time_true_inputs
+from riskcascade.evaluate_cascade import review_each, time_true_inputs, time_true_texts
 from riskcascade.modelling.datasets.format import Dataset
 from riskcascade.report_paths import shown_path
 
@@ -220,11 +220,13 @@ class Distillation:
 
         card = load_model_card(folder)
         model = FastModel(folder, threads=self.settings.model.onnx_threads,
-                          reason_count=self.settings.model.reason_count, prefer_gpu=False)
-        x = time_true_inputs(folder, self.parts, "test")
+                          reason_count=self.settings.model.reason_count, prefer_gpu=False,
+                          embedding_dir=self.settings.retrieval.embedding_dir)
+        x, texts = time_true_inputs(folder, self.parts, "test"), time_true_texts(self.parts, "test")
         batch = self.settings.evaluation.scoring_batch_size
         scores = [s for start in range(0, len(x), batch)
-                  for s in model.score_matrix(model.model_input(x[start : start + batch]))]
+                  for s in model.score_matrix(model.model_input(x[start : start + batch],
+                                                                texts[start : start + batch]))]
         band = escalation_policy(self.settings.escalation, card.thresholds.band_low, card.thresholds.band_high)
         routes = [band.route(s.score, self.budget_ms, 0) for s in scores]
         return ScoredModel(name, card.version, folder, (band.band_low, band.band_high), scores, routes)
@@ -344,7 +346,8 @@ def run_distillation(settings: Settings, out_dir: Path, command: str, progress: 
                                     cfg, scores)
                 model = fit_fast_model(dataset, data.split, settings.training, settings.data.seed,
                                        state=settings.state, drift_bins=settings.drift.bins,
-                                       train_targets=data.targets, train_weights=data.weights)
+                                       train_targets=data.targets, train_weights=data.weights,
+                                       embedding_dir=settings.retrieval.embedding_dir)
                 folder = Path(work) / f"round-{round_}-{variant}"
                 write_model(model, folder, {**source, "distill_round": round_, "distill_variant": variant},
                             settings.validation.feature_range_margin)

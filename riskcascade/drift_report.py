@@ -48,7 +48,7 @@ def status_of(value: float, warn: float, alert: float) -> str:
 def run_drift_report(settings: Settings, out_dir: Path, events_file: Path | None = None,
                      split: str | None = None) -> dict:
     """Compare ``events_file`` (or the data set's ``split``) with the model's reference; write the report."""
-    from riskcascade.evaluate_cascade import offline_scores, time_true_inputs
+    from riskcascade.evaluate_cascade import offline_scores, time_true_inputs, time_true_texts
     from riskcascade.modelling.datasets import read_split_events
     from riskcascade.modelling.synthetic import read_events_csv
     from services.scorer.fast_model import FastModel
@@ -73,8 +73,10 @@ def run_drift_report(settings: Settings, out_dir: Path, events_file: Path | None
     if not live:
         raise DriftReportError(f"no events in {what}")
     card = load_model_card(model_dir)
-    model = FastModel(model_dir, threads=settings.model.onnx_threads, reason_count=0, prefer_gpu=False)
-    x = model.model_input(time_true_inputs(model_dir, parts, "test" if events_file is not None else split))
+    model = FastModel(model_dir, threads=settings.model.onnx_threads, reason_count=0, prefer_gpu=False,
+                      embedding_dir=settings.retrieval.embedding_dir)
+    scored = "test" if events_file is not None else split
+    x = model.model_input(time_true_inputs(model_dir, parts, scored), time_true_texts(parts, scored))
     scores = np.array([s.score for s in offline_scores(model, x, settings.evaluation.scoring_batch_size)])
     window = DriftWindow(reference, len(x))
     window.add(x, scores)

@@ -101,12 +101,12 @@ def run_cascade_evaluation(
     card = load_model_card(model_dir)
     band = escalation_policy(settings.escalation, card.thresholds.band_low, card.thresholds.band_high)
     model = FastModel(model_dir, threads=settings.model.onnx_threads, reason_count=settings.model.reason_count,
-                      prefer_gpu=False)
-    x = time_true_inputs(model_dir, parts, split)
+                      prefer_gpu=False, embedding_dir=settings.retrieval.embedding_dir)
+    x, texts = time_true_inputs(model_dir, parts, split), time_true_texts(parts, split)
     fast = []
     batch = settings.evaluation.scoring_batch_size
     for start in range(0, len(events), batch):
-        fast += model.score_matrix(model.model_input(x[start : start + batch]))
+        fast += model.score_matrix(model.model_input(x[start : start + batch], texts[start : start + batch]))
     # Offline, one case at a time with the whole budget: only the band decides what is escalated.
     routes = [band.route(f.score, budget_ms, 0) for f in fast]
     escalated = [i for i, r in enumerate(routes) if r.route is Route.ESCALATE]
@@ -157,6 +157,13 @@ def time_true_inputs(model_dir: Path, parts: dict[str, list], split: str) -> np.
     if layout.state is not None:
         state = replay_features(layout.state, timeline_of(dataset))[rows]
     return layout.transform(dataset.numeric[rows], attributes, entities, state)
+
+
+def time_true_texts(parts: dict[str, list], split: str) -> list[dict[str, str]]:
+    """The free-text map of ``split``'s events, in the order of ``time_true_inputs``' rows (what a text model reads)."""
+    from riskcascade.modelling.synthetic import event_text
+
+    return [event_text(e) for e in parts[split]]
 
 
 def _figures(rows: list[dict[str, Any]], settings: Settings, split: str, n_events: int, n_escalated: int,

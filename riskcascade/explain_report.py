@@ -27,15 +27,16 @@ def explain_split(settings: Settings, model_dir: Path, parts: dict[str, list], s
                   examples: int, command: str) -> dict[str, Any]:
     """Counterfactuals of ``split``'s first ``limit`` events (all when None) that the band does not approve; the
     first ``examples`` events whose APPROVE change was found, whose was not, and that the band blocks, in full."""
-    from riskcascade.evaluate_cascade import time_true_inputs
+    from riskcascade.evaluate_cascade import time_true_inputs, time_true_texts
+    from riskcascade.modelling.synthetic import event_text
     from services.scorer.fast_model import FastModel
 
-    model = FastModel(model_dir, reason_count=0, prefer_gpu=False)
+    model = FastModel(model_dir, reason_count=0, prefer_gpu=False, embedding_dir=settings.retrieval.embedding_dir)
     layout = FeatureLayout.load(model_dir)
     x = time_true_inputs(model_dir, parts, split)
     events = parts[split][: limit or len(parts[split])]
     x = x[: len(events)]
-    scores = model.score_matrix(model.model_input(x), reasons=False)
+    scores = model.score_matrix(model.model_input(x, time_true_texts(parts, split)[: len(events)]), reasons=False)
     policy = escalation_policy(settings.escalation, model.card.thresholds.band_low, model.card.thresholds.band_high)
     band = (policy.band_low, policy.band_high)
     state_from = len(layout.names) - len(layout.graph) if layout.state is not None else None
@@ -44,7 +45,7 @@ def explain_split(settings: Settings, model_dir: Path, parts: dict[str, list], s
     shown: list[dict[str, Any]] = []
     for i, (e, s) in enumerate(zip(events, scores)):
         request = ScoreRequest.of(e.case_id, e.event_type, e.entities, dict(e.features), occurred_at=e.occurred_at,
-                                  counterfactual_band=band)
+                                  counterfactual_band=band, text=event_text(e))
         found = model.counterfactuals(request, x[i, state_from:] if state_from is not None else None, s.score)
         for cf in found:
             tally[f"{cf.target.value}:{'found' if cf.found else 'none'}"] += 1

@@ -88,6 +88,8 @@ def write_platform_config(workdir: Path, otlp_endpoint: str, **overrides) -> Pat
         "ray": {"dashboard_port": free_port(), "num_cpus": 2, "metrics_export_port": free_port()},
         "model": {"dir": str(workdir / "model")},
         "data": {"dir": str(workdir / "data"), "n_events": TEST_EVENTS, "seed": 11},
+        # the small test model keeps its text model whatever validation says, so the text path is served
+        "training": {"text_model": {"keep": "always"}},
         "retrieval": {"backend": "edge", "edge_path": str(workdir / "edge")},
         "store": {"sqlite_path": str(workdir / "decisions.sqlite")},
         "state": {"log_path": str(workdir / "entity-state.sqlite")},

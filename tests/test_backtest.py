@@ -88,7 +88,7 @@ def recorded(trained):
             continue
         request = decide_request(e, e.case_id)
         fast = model.score_batch([ScoreRequest.of(e.case_id, e.event_type, e.entities, dict(request.event.features),
-                                                  occurred_at=e.occurred_at)])[0]
+                                                  occurred_at=e.occurred_at, text=dict(request.event.text))])[0]
         routing = policy.route(fast.score, float("inf"), 0)
         verdict = scripted_verdict(fast.score, (low + high) / 2) if routing.route is Route.ESCALATE else None
         merged = merge(rules, fast, routing, verdict)

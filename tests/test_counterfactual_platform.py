@@ -12,7 +12,7 @@ from loadtest.events import decide_request
 from risk.v1 import decision_pb2 as pb
 from riskcascade.core.domain import Entities, ScoreRequest
 from riskcascade.core.model_registry import live_model_dir
-from riskcascade.modelling.synthetic import LabelledEvent, read_events_csv
+from riskcascade.modelling.synthetic import LabelledEvent, event_text, read_events_csv
 from services.scorer.fast_model import FastModel
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def test_a_counterfactual_resent_as_a_new_event_is_approved_by_the_fast_model(st
     for e in read_events_csv(platform.workdir / "data" / "test.csv"):  # find one here: flippable, fresh entities
         e = fresh(e, uuid.uuid4().hex[:12])
         request = ScoreRequest.of(e.case_id, e.event_type, e.entities, dict(e.features), occurred_at=e.occurred_at,
-                                  counterfactual_band=(low, high))
+                                  counterfactual_band=(low, high), text=event_text(e))
         folded = model.fold([request])
         (scored,) = model.with_counterfactuals([request], folded, model.score_batch([request], folded))
         if scored.counterfactuals and scored.counterfactuals[0].found:

@@ -780,7 +780,7 @@ def test_synthetic_dataset_is_a_valid_dataset(synthetic):
     assert set(synthetic.splits[0]) == {"train", "valid", "test"}
     fraud = synthetic.labels == 1
     assert np.all(synthetic.risk_types[fraud] != "") and np.all(synthetic.risk_types[~fraud] == "")
-    assert set(synthetic.extra.columns) == {"note"}  # occurred_at / label_known_at are the time roles now
+    assert set(synthetic.extra.columns) == {"note", "message"}  # occurred_at / label_known_at are the time roles now
     assert synthetic.times is not None and np.all(np.isfinite(synthetic.times))
     labelled = synthetic.labelled
     assert np.all(synthetic.label_times[labelled] >= synthetic.times[labelled])

@@ -198,6 +198,7 @@ NOT_SETTINGS = {
         "FIGURE_DPI": "presentation", "CALIBRATION_HEIGHT_RATIOS": "presentation", "HISTOGRAM_BINS": "presentation",
         "SPLIT_LINE_ALPHA": "presentation", "HISTOGRAM_ALPHA": "presentation", "BAND_ALPHA": "presentation"},
     "riskcascade/modelling/model_metrics.py": {"DEFAULT_ECE_BINS": "metric definition, named in reports"},
+    "riskcascade/modelling/text_model.py": {"TEXT_MODEL_FORMAT": "file format version of text_model.json"},
     "riskcascade/modelling/training.py": {"ONNX_TARGET_OPSET": "what onnxmltools 1.16 converts LightGBM for",
                                           "STD_FLOOR": "numeric guard"},
     "orchestrator/store.py": {"_MAX_QUERY_PARAMETERS": "SQLite's bound-parameter limit",
@@ -228,7 +229,8 @@ NOT_SETTINGS = {
 # The synthetic generator's numbers are the simulated world it documents (riskcascade.modelling.synthetic): a
 # different world is a different generator version, not a knob.
 SIMULATED_WORLD = ("riskcascade/modelling/synthetic.py", "riskcascade/modelling/synthetic_fraud.py",
-                   "riskcascade/modelling/synthetic_marketplace.py", "riskcascade/modelling/synthetic_notes.py")
+                   "riskcascade/modelling/synthetic_marketplace.py", "riskcascade/modelling/synthetic_notes.py",
+                   "riskcascade/modelling/synthetic_messages.py")
 
 
 def _is_number(value: ast.expr) -> bool:

@@ -135,12 +135,13 @@ def metric_family(name: str) -> str:
 def mixed_events(platform) -> list:  # noqa: ANN001
     """30 events the fast model finds clear and 10 it finds uncertain (time-true scores computed here, as
     tests/test_platform.py does), so the traffic has escalations for the escalation counters to count."""
-    from riskcascade.evaluate_cascade import time_true_inputs
+    from riskcascade.evaluate_cascade import time_true_inputs, time_true_texts
     from services.scorer.fast_model import FastModel
 
     parts = {name: read_events_csv(platform.workdir / "data" / f"{name}.csv") for name in ("train", "valid", "test")}
     model = FastModel(live_model_dir(platform.workdir / "model"), reason_count=0)
-    x = model.model_input(time_true_inputs(live_model_dir(platform.workdir / "model"), parts, "test")[:1500])
+    x = model.model_input(time_true_inputs(live_model_dir(platform.workdir / "model"), parts, "test")[:1500],
+                          time_true_texts(parts, "test")[:1500])
     scores = [s.score for s in model.score_matrix(x)]
     low, high = platform.state["band"]
     clear = [e for e, s in zip(parts["test"], scores) if s < low * 0.5]

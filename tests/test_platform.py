@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import uuid
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from grpc_status import rpc_status
 from loadtest.events import decide_request
 from risk.v1 import decision_pb2 as pb
 from riskcascade.core.model_registry import live_model_dir
-from riskcascade.evaluate_cascade import time_true_inputs
+from riskcascade.evaluate_cascade import time_true_inputs, time_true_texts
 from riskcascade.modelling.synthetic import LabelledEvent, read_events_csv
 from services.scorer.fast_model import FastModel
 from tests.conftest import platform_settings, venv_tool
@@ -35,7 +36,7 @@ def held_out(platform):
     model = FastModel(live_model_dir(platform.workdir / "model"), reason_count=0)
     # time-true features by replay: what the platform computes for these events sent at their own time
     x = time_true_inputs(live_model_dir(platform.workdir / "model"), parts, "test")[:1500]
-    scores = [s.score for s in model.score_matrix(model.model_input(x))]
+    scores = [s.score for s in model.score_matrix(model.model_input(x, time_true_texts(parts, "test")[:1500]))]
     low, high = platform.state["band"]
     clear = [e for e, s in zip(events, scores) if s < low * 0.5]
     blocked = [e for e, s in zip(events, scores) if s >= min(1.0, high + (1 - high) * 0.5)]
@@ -54,6 +55,25 @@ def test_clear_case_is_decided_by_the_fast_model_alone(stub, held_out):
     if held_out["blocked"]:
         b = stub.Decide(to_request(held_out["blocked"][0]), timeout=10).decision
         assert b.action == pb.ACTION_BLOCK and b.decided_by == pb.STAGE_FAST_MODEL
+
+
+def test_the_events_text_reaches_the_text_model(stub, held_out, platform):
+    """Two events alike in every number, from entities never seen (so alike in entity state too), one with a pasted
+    takeover script and one with an ordinary message: the fast score is higher for the script."""
+    from riskcascade.modelling.synthetic_marketplace import ACCOUNT_CHANGE
+    from riskcascade.modelling.synthetic_messages import SCRIPTS
+
+    card = json.loads((live_model_dir(platform.workdir / "model") / "model.json").read_text())
+    assert card["text_model"] and "text_risk" in card["model_features"]
+    base = held_out["clear"][0]
+    scores = {}
+    for name, message in (("plain", "Moved house, updating my address."),
+                          ("script", SCRIPTS[ACCOUNT_CHANGE]["account_takeover"][0])):
+        fresh = f"text-{name}-{uuid.uuid4().hex[:8]}"
+        e = replace(base, note="", message=message, entities=replace(
+            base.entities, account_id=f"acct-{fresh}", device_id=f"dev-{fresh}", ip="", payment_instrument_id=""))
+        scores[name] = stub.Decide(to_request(e), timeout=10).decision.fast_score
+    assert scores["script"] > scores["plain"]
 
 
 def test_uncertain_case_is_escalated_with_retrieved_evidence(stub, held_out):

@@ -40,7 +40,7 @@ from riskcascade.core.config import LLMSettings, ReasonerSettings, ReflectionSet
 from riskcascade.core.domain import Action, FastScore, Outcome, ReasoningRequest, RiskEvent
 from riskcascade.modelling.synthetic import (
     FEATURE_NAMES,
-    NOTE_FIELD,
+    event_text,
     generate_events,
     split_events,
     to_adjudicated_case,
@@ -183,7 +183,7 @@ def test_similar_case_agent_finds_by_behaviour_then_adds_narrative_matches(knowl
     train, test = data
     _, memory, _ = knowledge
     e = test[-1]  # late in the window: many cases are known by then
-    narrative = event_narrative(e.event_type, e.features, {NOTE_FIELD: e.note})
+    narrative = event_narrative(e.event_type, e.features, event_text(e))
     found = SimilarCaseAgent(memory, top_k=8, narrative_top_k=5).run(risk_event(e), narrative)
     behaviour = [i for i in found.items if i.kind == "similar_case"]
     by_text = [i for i in found.items if i.kind == "narrative_case"]

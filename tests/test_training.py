@@ -28,7 +28,7 @@ from riskcascade.core.features import (  # noqa: E402
 from riskcascade.core.model_card import BOOSTER_FILE, CARD_FILE, ONNX_FILE, load_model_card  # noqa: E402
 from riskcascade.core.model_registry import live_model_dir
 from riskcascade.core.thresholds import band_by_share  # noqa: E402
-from riskcascade.evaluate_cascade import time_true_inputs  # noqa: E402
+from riskcascade.evaluate_cascade import time_true_inputs, time_true_texts  # noqa: E402
 from riskcascade.modelling.anomaly import ANOMALY_FEATURE, ANOMALY_FILE  # noqa: E402
 from riskcascade.modelling.datasets import SPLIT_FILES, open_dataset, read_split_events  # noqa: E402
 from riskcascade.modelling.datasets.format import Dataset, DatasetSpec, dataset_from_frame, write_dataset  # noqa: E402
@@ -38,7 +38,14 @@ from riskcascade.modelling.model_metrics import (  # noqa: E402
     recall_at_fpr,
     threshold_at_fpr,
 )
-from riskcascade.modelling.synthetic import FEATURE_NAMES, generate_events, read_events_csv, split_events  # noqa: E402
+from riskcascade.modelling.synthetic import (  # noqa: E402
+    FEATURE_NAMES,
+    event_text,
+    generate_events,
+    read_events_csv,
+    split_events,
+)
+from riskcascade.modelling.text_model import TEXT_FEATURE, TEXT_MODEL_FILE  # noqa: E402
 from riskcascade.modelling.training import (  # noqa: E402
     check_onnx_parity,
     snap_thresholds_to_float32,
@@ -69,7 +76,9 @@ def _parts(settings):
 def _valid_matrix(settings, rows=200):
     """Model input of the first valid events, with their time-true entity features (training's replay)."""
     model = FastModel(live_model_dir(settings.model.dir), reason_count=0)
-    return model.model_input(time_true_inputs(live_model_dir(settings.model.dir), _parts(settings), "valid")[:rows])
+    parts = _parts(settings)
+    return model.model_input(time_true_inputs(live_model_dir(settings.model.dir), parts, "valid")[:rows],
+                             time_true_texts(parts, "valid")[:rows])
 
 
 def test_served_features_equal_training_replay(trained):
@@ -89,7 +98,8 @@ def test_served_features_equal_training_replay(trained):
     def flush() -> None:
         if batch:
             x = model.matrix([ScoreRequest.of(events[i].case_id, events[i].event_type, events[i].entities,
-                                              dict(events[i].features), occurred_at=events[i].occurred_at)
+                                              dict(events[i].features), occurred_at=events[i].occurred_at,
+                                              text=event_text(events[i]))
                               for i in batch])
             served.update({events[i].case_id: row for i, row in zip(batch, x)})
             batch.clear()
@@ -105,7 +115,8 @@ def test_served_features_equal_training_replay(trained):
                                                  events[i].label_known_at.timestamp())])
     flush()
     for split, part in parts.items():
-        trained_x = model.model_input(time_true_inputs(live_model_dir(settings.model.dir), parts, split))
+        trained_x = model.model_input(time_true_inputs(live_model_dir(settings.model.dir), parts, split),
+                                      time_true_texts(parts, split))
         served_x = np.stack([served[e.case_id] for e in part])
         assert np.array_equal(trained_x, served_x, equal_nan=True), split
 
@@ -122,7 +133,10 @@ def test_training_writes_data_model_and_a_valid_card(trained):
     assert re.fullmatch(r"lgbm-\d{14}-[0-9a-f]{8}", card.version)
     assert card.feature_names == list(FEATURE_NAMES)  # what callers send
     features = card.model_features
-    assert features[: len(FEATURE_NAMES)] == list(FEATURE_NAMES) and features[-1] == ANOMALY_FEATURE
+    assert features[: len(FEATURE_NAMES)] == list(FEATURE_NAMES)
+    # the anomaly score, then the text model's score when validation kept it (riskcascade/modelling/text_model.py)
+    assert features[-2:] == [ANOMALY_FEATURE, TEXT_FEATURE] if card.text_model else features[-1] == ANOMALY_FEATURE
+    assert (live_model_dir(settings.model.dir) / TEXT_MODEL_FILE).exists() == bool(card.text_model)
     assert "event_type=order" in features and "device_id.n_1h" in features and "ip.distinct.account_id" in features
     assert "account_id.fraud_known" in features and "device_id.fraud_accounts" in features
     assert card.metrics["feature_protocol"] == "time-true"

@@ -166,6 +166,12 @@ class ModelSettings(_Section):
             "entity-state features returned on each decision (Decision.state_features), when the model has them"
         ),
     )
+    text_cache_entries: int = Field(
+        20_000, ge=1,
+        description="distinct field texts whose text-model embedding a scorer replica remembers (1.5 KB each; pasted "
+        "scripts and templated notes repeat: a remembered text costs no encoder run)",
+    )
+    text_batch_size: int = Field(32, ge=1, description="texts per encoder run of the text model")
     counterfactual_max_rows: int = Field(
         512, ge=1,
         description="most changed events one counterfactual search scores (in one model run); the search takes the "
@@ -257,6 +263,29 @@ DEFAULT_ACTIONABLE_FEATURES = (
 )
 
 
+class TextModelSettings(_Section):
+    """The text model of the fast model's ``text_risk`` feature (riskcascade/modelling/text_model.py)."""
+
+    enabled: bool = Field(True, description="fit a text model when the data set has free text in `fields`")
+    fields: tuple[str, ...] = Field(
+        ("note", "message"),
+        description="the event's text fields the text model reads (data set columns in training, RiskEvent.text keys "
+        "in serving), joined in this order",
+    )
+    time_blocks: int = Field(
+        4, ge=2, description="train blocks by time (folds without times) the point-in-time training column uses"
+    )
+    regularization: float = Field(1.0, gt=0, description="inverse L2 strength (C) of the logistic head")
+    keep: Literal["if_validation_gain", "always"] = Field(
+        "if_validation_gain",
+        description="if_validation_gain = also grow the trees without the text column and keep the text model only "
+        "when validation average precision is higher with it (small data sets can lose by it); always = keep it",
+    )
+    min_class_labels: int = Field(
+        20, ge=1, description="labelled texts of each class a head needs; fewer: that block is unscored, or no model"
+    )
+
+
 class TrainingSettings(_Section):
     """How the fast model is trained and its escalation band chosen (riskcascade/modelling/training.py)."""
 
@@ -303,6 +332,7 @@ class TrainingSettings(_Section):
     onnx_parity_missing_cell_share: float = Field(
         0.2, gt=0, le=1, description="share of cells blanked in those copied rows"
     )
+    text_model: TextModelSettings = TextModelSettings()
     actionable_features: tuple[ActionableFeature, ...] = Field(
         DEFAULT_ACTIONABLE_FEATURES,
         description="request features a customer or merchant can change, with their allowed moves; written into the "

@@ -124,6 +124,7 @@ class ScoreRequest:
     features: dict[str, float]
     entities: dict[str, str] = field(default_factory=dict)  # Entities field name -> id, for graph features
     attributes: dict[str, str] = field(default_factory=dict)  # categorical features, e.g. event_type
+    text: dict[str, str] = field(default_factory=dict)  # the event's free-text fields (what a text model reads)
     trace_carrier: dict[str, str] = field(default_factory=dict)
     occurred_at: float | None = None  # event time, seconds since the epoch (UTC); None = when it is scored
     model_version: str = ""  # the model version to score with (the gateway's live one); "" = the scorer's default
@@ -141,12 +142,14 @@ class ScoreRequest:
     def of(cls, request_id: str, event_type: "EventType", entities: Entities, features: dict[str, float],
            trace_carrier: dict[str, str] | None = None, occurred_at: datetime | None = None,
            model_version: str = "", shadow_version: str = "",
-           counterfactual_band: tuple[float, float] | None = None) -> "ScoreRequest":
+           counterfactual_band: tuple[float, float] | None = None,
+           text: dict[str, str] | None = None) -> "ScoreRequest":
         return cls(
             request_id=request_id,
             features=features,
             entities={name: value for name, value in asdict(entities).items() if value},
             attributes={EVENT_TYPE_ATTRIBUTE: event_type.value},
+            text=dict(text or {}),
             trace_carrier=trace_carrier or {},
             occurred_at=occurred_at.timestamp() if occurred_at is not None else None,
             model_version=model_version,

@@ -60,6 +60,7 @@ class ModelCard(BaseModel):
     categorical_features: dict[str, list[str]] = Field(default_factory=dict)  # name -> vocabulary
     links: list[str] = Field(default_factory=list)  # entity columns the graph features aggregate over
     anomaly: dict[str, Any] | None = None  # the isolation-forest feature: file, feature name, parity
+    text_model: dict[str, Any] | None = None  # the text_risk feature: file, feature, fields, encoder, how it was fitted
     calibration: CalibrationSpec
     thresholds: Thresholds
     onnx: OnnxSpec

@@ -129,7 +129,7 @@ def run_evaluation(
         seed = settings.data.seed + (0 if dataset.splits else index)
         started = time.monotonic()
         model = fit_fast_model(dataset, choice.split, settings.training, seed, progress=progress,
-                               state=settings.state)
+                               state=settings.state, embedding_dir=settings.retrieval.embedding_dir)
         reported = model.metrics.get("feature_protocol")  # training's own word on how it built the features
         features = features or (reported if isinstance(reported, str) else None)
         per_split.append({

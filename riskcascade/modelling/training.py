@@ -6,7 +6,11 @@ The order matters and is the contract with the scorer:
    from the training split) and graph neighbour aggregates over the data set's links
    (``riskcascade.core.graph_features``).
 2. The hybrid feature: an isolation forest fitted on the training split, exported to ONNX, and evaluated *by
-   ONNX* for every row (``riskcascade.modelling.anomaly``), appended as the last column.
+   ONNX* for every row (``riskcascade.modelling.anomaly``), appended after the layout's columns.
+   With free text in ``training.text_model.fields``, the text model's ``text_risk`` column follows it
+   (``riskcascade.modelling.text_model``: MiniLM embeddings and a logistic head, the column point in time by
+   forward chaining); unless ``training.text_model.keep`` is "always", the trees are also grown without it and it is
+   kept only when validation average precision is higher with it.
 3. LightGBM learns on the training split with early stopping on validation. A small share of training cells is
    blanked to NaN first (``training.missing_value_share``) so that every feature learns where missing values go:
    the scorer sends NaN for any feature a request lacks, and for a feature never seen missing in training
@@ -38,13 +42,14 @@ import numpy as np  # noqa: E402
 import onnxmltools  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnxmltools.convert.common.data_types import FloatTensorType  # noqa: E402
-from sklearn.metrics import log_loss, roc_auc_score  # noqa: E402
+from sklearn.metrics import average_precision_score, log_loss, roc_auc_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from riskcascade.core.calibration import PlattCalibrator  # noqa: E402
 from riskcascade.core.config import (  # noqa: E402
     ActionableFeature,
     DriftSettings,
+    RetrievalSettings,
     Settings,
     StateSettings,
     TrainingSettings,
@@ -79,6 +84,17 @@ from riskcascade.modelling.datasets.splits import choose_split, is_time_ordered 
 from riskcascade.modelling.evaluation import split_metrics  # noqa: E402
 from riskcascade.modelling.layout_fitting import fit_layout  # noqa: E402
 from riskcascade.modelling.model_metrics import expected_calibration_error  # noqa: E402
+from riskcascade.modelling.text_model import (  # noqa: E402
+    TEXT_FEATURE,
+    TEXT_MODEL_FILE,
+    TextFit,
+    TextHead,
+    embedding_identity,
+    field_texts,
+    fit_text_model,
+    shared_encoder,
+    text_description,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +204,7 @@ def with_missing_values(x: np.ndarray, share: float, rng: np.random.Generator) -
 class _StageClock:
     """Times the named stages of a training run and shows them on a tqdm bar when progress is on."""
 
-    STAGES = ("features", "anomaly", "lightgbm", "calibration", "onnx", "metrics")
+    STAGES = ("features", "anomaly", "text", "lightgbm", "calibration", "onnx", "metrics")
 
     def __init__(self, progress: bool) -> None:
         self._bar = tqdm(total=len(self.STAGES), disable=not progress, desc="train", unit="stage")
@@ -219,7 +235,7 @@ class TrainedModel:
 
     dataset_name: str
     layout: FeatureLayout
-    feature_names: list[str]  # every ONNX input column: layout names, then the anomaly score
+    feature_names: list[str]  # every ONNX input column: layout names, the anomaly score, then the text model's
     anomaly_onnx: bytes | None
     booster: lgb.Booster
     calibrator: PlattCalibrator
@@ -238,6 +254,36 @@ class TrainedModel:
     training: dict[str, Any]
     input_extremes: dict[str, tuple[float, float]] = field(default_factory=dict)  # training min and max per input
     drift_reference: DriftReference | None = None  # what live traffic is compared with (riskcascade.core.drift)
+    text_head: TextHead | None = None  # the text model behind the text_risk column (None: no text model)
+
+
+def dataset_texts(dataset: Dataset, fields: tuple[str, ...]) -> list[tuple[str, ...]] | None:
+    """Each row's text as the text model reads it (``field_texts`` of the data set's columns named in ``fields``);
+    None when the data set has none of them or they are all empty."""
+    columns = [f for f in fields if dataset.extra is not None and f in dataset.extra.columns]
+    if not columns:
+        return None
+    cells = {f: dataset.extra[f].fillna("").astype(str).to_numpy() for f in columns}
+    texts = [field_texts({f: cells[f][i] for f in columns}, fields) for i in range(len(dataset))]
+    return texts if any(any(t) for t in texts) else None
+
+
+def _fit_text(dataset: Dataset, split: np.ndarray, config: TrainingSettings, seed: int,
+              embedding_dir: Path) -> TextFit | None:
+    """The text model and its point-in-time column (riskcascade/modelling/text_model.py), or None: switched off, no
+    text in the data set, or too few labelled texts."""
+    settings = config.text_model
+    texts = dataset_texts(dataset, settings.fields) if settings.enabled else None
+    if texts is None:
+        return None
+    ordered = dataset.times is not None and is_time_ordered(dataset, split)
+    cut = label_cutoffs(dataset, split).get("valid")
+    return fit_text_model(
+        texts, dataset.labels, split, dataset.times if ordered else None,
+        dataset.label_times if ordered else None, cut, settings.fields, shared_encoder(embedding_dir.resolve()),
+        embedding_identity(embedding_dir), settings.time_blocks, settings.regularization, settings.min_class_labels,
+        seed,
+    )
 
 
 def split_of(dataset: Dataset, index: int, config: TrainingSettings, seed: int) -> np.ndarray:
@@ -286,6 +332,7 @@ def fit_fast_model(
     dataset: Dataset, split: np.ndarray, config: TrainingSettings, seed: int, progress: bool = False,
     state: StateSettings | None = None, drift_bins: int = DriftSettings().bins,
     train_targets: np.ndarray | None = None, train_weights: np.ndarray | None = None,
+    embedding_dir: Path = RetrievalSettings().embedding_dir,
 ) -> TrainedModel:
     """Fit the whole fast model on one split of ``dataset``; RuntimeError when ONNX disagrees with LightGBM.
 
@@ -298,7 +345,10 @@ def fit_fast_model(
     objective with ``train_weights`` (float [N]; None = 1); validation, calibration, band and metrics keep the
     data set's labels. Cross-entropy's prediction is the binary objective's sigmoid of the same raw score, so the
     booster is saved as binary (ONNX conversion knows no cross-entropy) and the snapping check below proves the
-    relabelled booster predicts the same."""
+    relabelled booster predicts the same.
+
+    With free text in ``config.text_model.fields``, the text model's point-in-time ``text_risk`` column follows the
+    anomaly score (the encoder from ``embedding_dir``)."""
     clock = _StageClock(progress)
     state = state or StateSettings()
     try:
@@ -331,6 +381,13 @@ def fit_fast_model(
             x_all = np.column_stack([x_all, scorer.score(x_all)])
             names.append(ANOMALY_FEATURE)
             layout.descriptions[ANOMALY_FEATURE] = ANOMALY_DESCRIPTION
+
+        clock.start("text")
+        text = _fit_text(dataset, split, config, seed, Path(embedding_dir))
+        if text is not None:
+            x_all = np.column_stack([x_all, text.feature.astype(np.float32)])
+            names.append(TEXT_FEATURE)
+            layout.descriptions[TEXT_FEATURE] = text_description(config.text_model.fields)
         x = {name: x_all[mask] for name, mask in rows.items()}
 
         clock.start("lightgbm")
@@ -345,19 +402,40 @@ def fit_fast_model(
         }
         if train_targets is not None:
             params["objective"] = SOFT_LABEL_OBJECTIVE
-        train_set = lgb.Dataset(
-            with_missing_values(x["train"], config.missing_value_share, rng), y["train"],
-            weight=None if train_weights is None else train_weights[rows["train"]],
-            feature_name=_lightgbm_names(names),
-        )
-        valid_set = lgb.Dataset(x["valid"], y["valid"], reference=train_set)
-        booster = lgb.train(
-            params, train_set, num_boost_round=config.max_boost_rounds, valid_sets=[valid_set],
-            callbacks=[_early_stopping(config.early_stopping_rounds, config.min_boost_rounds)],
-        )
-        best_iteration = booster.best_iteration or booster.current_iteration()
-        trained = lgb.Booster(model_str=booster.model_to_string(num_iteration=best_iteration))
-        booster = lgb.Booster(model_str=snap_thresholds_to_float32(as_binary_objective(trained.model_to_string())))
+
+        def grow(width: int, blanking: np.random.Generator) -> tuple[lgb.Booster, lgb.Booster, int]:
+            """LightGBM on the first ``width`` columns: the trained booster, its binary float32-snapped copy (what is
+            served), and the number of trees kept."""
+            train_set = lgb.Dataset(
+                with_missing_values(x["train"][:, :width], config.missing_value_share, blanking), y["train"],
+                weight=None if train_weights is None else train_weights[rows["train"]],
+                feature_name=_lightgbm_names(names[:width]),
+            )
+            valid_set = lgb.Dataset(x["valid"][:, :width], y["valid"], reference=train_set)
+            grown = lgb.train(
+                params, train_set, num_boost_round=config.max_boost_rounds, valid_sets=[valid_set],
+                callbacks=[_early_stopping(config.early_stopping_rounds, config.min_boost_rounds)],
+            )
+            best = grown.best_iteration or grown.current_iteration()
+            kept = lgb.Booster(model_str=grown.model_to_string(num_iteration=best))
+            served = lgb.Booster(model_str=snap_thresholds_to_float32(as_binary_objective(kept.model_to_string())))
+            return kept, served, best
+
+        trained, booster, best_iteration = grow(len(names), rng)
+        text_gate = None
+        if text is not None and config.text_model.keep == "if_validation_gain":
+            # the text column must earn its place: validation average precision with it against without it
+            plain = grow(len(names) - 1, np.random.default_rng(seed))
+            with_text = float(average_precision_score(y["valid"], booster.predict(x["valid"])))
+            without = float(average_precision_score(y["valid"], plain[1].predict(x["valid"][:, :-1])))
+            text_gate = {"rule": config.text_model.keep, "valid_ap_with_text": with_text,
+                         "valid_ap_without_text": without, "kept": with_text > without}
+            if not text_gate["kept"]:
+                log.info("text model dropped: validation AP %.4f with it, %.4f without", with_text, without)
+                trained, booster, best_iteration = plain
+                text, x_all, names = None, x_all[:, :-1], names[:-1]
+                layout.descriptions.pop(TEXT_FEATURE, None)
+                x = {name: x_all[mask] for name, mask in rows.items()}
 
         clock.start("calibration")
         raw_valid = booster.predict(x["valid"])
@@ -427,6 +505,7 @@ def fit_fast_model(
             ),
             input_extremes=observed_extremes(layout.numeric, inputs),
             drift_reference=drift_reference,
+            text_head=text.head if text is not None else None,
             training={
                 "best_iteration": best_iteration,
                 "params": params,
@@ -435,6 +514,8 @@ def fit_fast_model(
                 "lightgbm_version": lgb.__version__,
                 "onnxmltools_version": onnxmltools.__version__,
                 "stage_seconds": dict(clock.seconds),
+                **({"text_scored_rows": text.scored_rows} if text is not None else {}),
+                **({"text_model_gate": text_gate} if text_gate is not None else {}),
             },
         )
     finally:
@@ -488,6 +569,8 @@ def _band_metrics(
 def _content_hash(model: TrainedModel) -> str:
     digest = hashlib.sha256(model.booster.model_to_string().encode())
     digest.update(model.anomaly_onnx or b"")
+    if model.text_head is not None:
+        digest.update(model.text_head.weights.tobytes())
     digest.update(json.dumps([model.calibrator.a, model.calibrator.b, *model.band]).encode())
     return digest.hexdigest()[:8]
 
@@ -519,6 +602,9 @@ def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any],
         onnx=OnnxSpec(input=ONNX_INPUT, output=ONNX_OUTPUT, opset=model.opset, parity_max_abs_diff=model.parity),
         anomaly={"file": ANOMALY_FILE, "feature": ANOMALY_FEATURE, "sklearn_parity_max_abs_diff": model.anomaly_parity}
         if model.anomaly_onnx else None,
+        text_model={"file": TEXT_MODEL_FILE, "feature": TEXT_FEATURE, "fields": list(model.text_head.fields),
+                    "embedding": model.text_head.embedding, **model.text_head.training}
+        if model.text_head is not None else None,
         feature_scaling=model.input_scaling,
         metrics=model.metrics,
         data={"dataset": model.dataset_name, "counts": model.counts, "fraud_rate": model.fraud_rate, **data},
@@ -539,6 +625,10 @@ def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any],
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(body)
         os.replace(tmp, path)
+    if model.text_head is not None:
+        model.text_head.save(model_dir)
+    else:
+        (model_dir / TEXT_MODEL_FILE).unlink(missing_ok=True)
     (model_dir / BOOSTER_FILE).write_text(model.booster.model_to_string())
     layout.save(model_dir)
     if model.drift_reference is not None:
@@ -557,7 +647,8 @@ def train_model(settings: Settings, dataset: Dataset, progress: bool = True, dat
     ``make_live``: point the registry at it (None: only when no version is live yet)."""
     split = split_of(dataset, 0, settings.training, settings.data.seed)
     model = fit_fast_model(dataset, split, settings.training, settings.data.seed, progress=progress,
-                           state=settings.state, drift_bins=settings.drift.bins)
+                           state=settings.state, drift_bins=settings.drift.bins,
+                           embedding_dir=settings.retrieval.embedding_dir)
     return ModelRegistry(settings.model.dir).publish(
         lambda folder: write_model(model, folder, data or {}, settings.validation.feature_range_margin), make_live
     )

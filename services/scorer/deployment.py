@@ -116,6 +116,9 @@ class FastScorer:
             reasons_for=config.model.reasons_for,
             drift_window=config.drift.window_events if config.drift.enabled else 0,
             counterfactual_max_rows=config.model.counterfactual_max_rows,
+            embedding_dir=config.retrieval.embedding_dir,
+            text_cache_entries=config.model.text_cache_entries,
+            text_batch_size=config.model.text_batch_size,
         ), live_dir)
         self._loading: asyncio.Task[None] | None = None  # a reconfigure's model load, in the background
         self._arrivals = ArrivalGate()

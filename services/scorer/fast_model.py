@@ -8,6 +8,10 @@ A time-true model (``FeatureLayout.state``) takes its entity features from the l
 computes each event's features as of its time and folds the event in (``EntityState.step``), so the next event of
 the same account, device or IP sees it. The state is the caller's (the Serve deployment opens it from settings);
 without one, an empty in-memory state is used.
+
+A version with a text model (``ModelCard.text_model``) also reads each request's free text: MiniLM on the CPU and the
+version's logistic head (``riskcascade.modelling.text_model.TextRiskScorer``: each distinct text of a batch encoded
+once, recent texts' scores remembered) give the ``text_risk`` column after the anomaly score.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import time
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
@@ -26,7 +30,7 @@ import lightgbm as lgb  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from riskcascade.core.config import ModelSettings  # noqa: E402
+from riskcascade.core.config import ModelSettings, RetrievalSettings  # noqa: E402
 from riskcascade.core.counterfactual import find_counterfactuals  # noqa: E402
 from riskcascade.core.domain import (  # noqa: E402
     EVENT_TYPE_ATTRIBUTE,
@@ -42,6 +46,7 @@ from riskcascade.core.entity_state import EmbeddedEntityState, EntityState, Stat
 from riskcascade.core.features import FeatureLayout  # noqa: E402
 from riskcascade.core.model_card import BOOSTER_FILE, ONNX_FILE, ModelCard, load_model_card  # noqa: E402
 from riskcascade.modelling.anomaly import AnomalyScorer  # noqa: E402
+from riskcascade.modelling.text_model import TextHead, TextRiskScorer  # noqa: E402
 from services.scorer.explain import TreeShapExplainer  # noqa: E402
 from services.scorer.gpu_probe import choose_providers  # noqa: E402
 
@@ -56,7 +61,10 @@ class FastModel:
     def __init__(self, model_dir: Path, threads: int = 1, reason_count: int = 3, prefer_gpu: bool = True,
                  state: EntityState | None = None, reported_state_features: Sequence[str] = (),
                  reasons_for: str = REASONS_ALL, drift_window: int = 0,
-                 counterfactual_max_rows: int = ModelSettings().counterfactual_max_rows):
+                 counterfactual_max_rows: int = ModelSettings().counterfactual_max_rows,
+                 embedding_dir: Path = RetrievalSettings().embedding_dir,
+                 text_cache_entries: int = ModelSettings().text_cache_entries,
+                 text_batch_size: int = ModelSettings().text_batch_size):
         model_dir = Path(model_dir)
         self.card: ModelCard = load_model_card(model_dir)
         self._layout = FeatureLayout.load(model_dir)
@@ -91,6 +99,9 @@ class FastModel:
         )
         # The forest is ~100 small trees: the CPU provider is as fast as a GPU round trip would be.
         self._anomaly = AnomalyScorer(str(model_dir / self.card.anomaly["file"]), threads) if self.card.anomaly else None
+        # the text model (a version trained on free text): MiniLM on the CPU, its scores of recent texts remembered
+        self._text = TextRiskScorer(TextHead.load(model_dir), Path(embedding_dir), threads, text_batch_size,
+                                    text_cache_entries) if self.card.text_model else None
         self._input = self.card.onnx.input
         self._output = self.card.onnx.output
         self._explainer = TreeShapExplainer(lgb.Booster(model_file=str(model_dir / BOOSTER_FILE)))
@@ -127,7 +138,7 @@ class FastModel:
         x = self._layout.transform(
             raw, [r.attributes for r in requests], [r.entities for r in requests], state_features
         )
-        return self.model_input(x)
+        return self.model_input(x, [r.text for r in requests])
 
     def fold(self, requests: Sequence[ScoreRequest]) -> np.ndarray | None:
         """Fold the requests into the entity state, returning each one's state features as of its time (None
@@ -152,12 +163,22 @@ class FastModel:
             for i, r in enumerate(requests)
         ])
 
-    def model_input(self, pre_anomaly: np.ndarray) -> np.ndarray:
+    @property
+    def reads_text(self) -> bool:
+        """This version has a text model: ``model_input`` needs each event's text map."""
+        return self._text is not None
+
+    def model_input(self, pre_anomaly: np.ndarray, texts: Sequence[Mapping[str, str]] | None = None) -> np.ndarray:
         """The layout's matrix (``FeatureLayout.transform`` or training's replay) as float32 model input, with the
-        anomaly score appended."""
+        anomaly score and, for a version with a text model, the text model's score of each row's text map
+        (``texts``, one per row: required then) appended."""
         x = pre_anomaly.astype(np.float32)
         if self._anomaly is not None:
             x = np.column_stack([x, self._anomaly.score(x)])
+        if self._text is not None:
+            if texts is None or len(texts) != x.shape[0]:
+                raise ValueError(f"model {self.card.version} reads the events' free text: pass one text map per row")
+            x = np.column_stack([x, self._text.score(texts).astype(np.float32)])
         return x
 
     def score_batch(self, requests: Sequence[ScoreRequest], state_features: np.ndarray | None = None,
@@ -198,7 +219,8 @@ class FastModel:
             states = None if state_row is None else np.repeat(state_row[None, :], len(rows), axis=0)
             raw = self._raw(changed)
             x = self.model_input(self._layout.transform(
-                raw, [r.attributes for r in changed], [r.entities for r in changed], states))
+                raw, [r.attributes for r in changed], [r.entities for r in changed], states),
+                [r.text for r in changed])
             return [s.score for s in self.score_matrix(x, reasons=False)]
 
         return find_counterfactuals(request.features, self.card.actionable, score_rows, score, band_low, band_high,

@@ -58,6 +58,7 @@ def synthetic_dataset(parts: dict[str, list[LabelledEvent]]) -> Dataset:
                 "occurred_at": e.occurred_at.isoformat(),
                 **e.features,
                 "note": e.note,
+                "message": e.message,
                 "label": str(e.label),
                 "risk_type": e.risk_type,
                 "label_known_at": e.label_known_at.isoformat() if e.label_known_at is not None else "",
