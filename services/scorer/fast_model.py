@@ -10,8 +10,8 @@ the same account, device or IP sees it. The state is the caller's (the Serve dep
 without one, an empty in-memory state is used.
 
 A version with a text model (``ModelCard.text_model``) also reads each request's free text: MiniLM on the CPU and the
-version's logistic head (``riskcascade.modelling.text_model.TextRiskScorer``: each distinct text of a batch encoded
-once, recent texts' scores remembered) give the ``text_risk`` column after the anomaly score.
+version's logistic head (``riskcascade.modelling.text_model.TextRiskScorer``: each distinct field text of a batch
+encoded once, recent ones' embeddings remembered) give the ``text_risk`` column after the anomaly score.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class FastModel:
         )
         # The forest is ~100 small trees: the CPU provider is as fast as a GPU round trip would be.
         self._anomaly = AnomalyScorer(str(model_dir / self.card.anomaly["file"]), threads) if self.card.anomaly else None
-        # the text model (a version trained on free text): MiniLM on the CPU, its scores of recent texts remembered
+        # the text model (a version trained on free text): MiniLM on the CPU, recent field texts' embeddings remembered
         self._text = TextRiskScorer(TextHead.load(model_dir), Path(embedding_dir), threads, text_batch_size,
                                     text_cache_entries) if self.card.text_model else None
         self._input = self.card.onnx.input
