@@ -50,7 +50,8 @@ def run(model_dir: Path | None, n_events: int, batches: tuple[int, ...], threads
     from riskcascade.core.features import FeatureLayout
     from riskcascade.core.model_registry import live_model_dir
     from riskcascade.modelling.synthetic import event_text, read_events_csv
-    from riskcascade.modelling.text_model import field_texts
+    from riskcascade.modelling.text_model import field_texts, shared_encoder
+    from riskcascade.report_paths import shown_path
     from services.scorer.fast_model import FastModel
 
     settings = load_settings(None)
@@ -87,6 +88,7 @@ def run(model_dir: Path | None, n_events: int, batches: tuple[int, ...], threads
     distinct = len({t for r in with_text for t in field_texts(r.text, fields)} - {""})
     for size in batches:
         baseline = timed(probe, plain, size)
+        shared_encoder.cache_clear()  # versions in one process share the encoder and its cache: start this one empty
         fresh = scorer()
         cold = timed(fresh, with_text, size)
         warm = timed(fresh, with_text, size)
@@ -94,7 +96,7 @@ def run(model_dir: Path | None, n_events: int, batches: tuple[int, ...], threads
             rows.append({"batch": size, "way": way, "batches": len(ms),
                          "events_per_s": len(events) / (sum(ms) / 1000.0), **_percentiles(ms)})
     return {
-        "model_version": probe.card.version, "model_dir": str(model_dir), "events": len(events),
+        "model_version": probe.card.version, "model_dir": shown_path(model_dir), "events": len(events),
         "distinct_texts": distinct, "threads": threads, "rows": rows,
         "text_model": {k: probe.card.text_model.get(k) for k in ("fields", "fitted_on_labels", "distinct_texts")},
     }

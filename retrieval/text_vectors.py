@@ -1,9 +1,10 @@
-"""Text vectors for retrieval: the embedder interface the case memory and the policy library use, and a cache that
-embeds each distinct text once while indexing."""
+"""Text vectors: the embedder interface the case memory and the policy library use, and a cache that embeds each
+distinct text once (the case memory's narratives, the fast model's text model)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -41,28 +42,29 @@ class EmbeddingCache:
     """
 
     def __init__(self, embedder: TextEmbedder, max_entries: int = RetrievalSettings().embedding_cache_entries):
-        """Keeps at most ``max_entries`` texts (``retrieval.embedding_cache_entries``); past it the cache starts
-        afresh: indexing stays correct, only repeated texts may be embedded again."""
+        """Keeps at most ``max_entries`` texts (``retrieval.embedding_cache_entries``); past it the least recently
+        used go first: results stay the same, only texts not seen lately may be embedded again."""
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.embedder = embedder
         self.max_entries = max_entries
         self.embedded = 0  # texts sent to the embedder
         self.reused = 0  # texts answered from the cache (or from an identical text in the same call)
-        self._vectors: dict[str, np.ndarray] = {}
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """One float32 row per text, in order."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
-        fresh = dict(zip(missing, self.embedder.embed(missing))) if missing else {}
+        if missing:
+            self._vectors.update(zip(missing, self.embedder.embed(missing)))
         self.embedded += len(missing)
         self.reused += len(texts) - len(missing)
         out = np.empty((len(texts), self.embedder.dimension), dtype=np.float32)
         for row, text in enumerate(texts):
-            out[row] = fresh[text] if text in fresh else self._vectors[text]
-        if len(self._vectors) + len(fresh) > self.max_entries:
-            self._vectors.clear()
-        self._vectors.update(list(fresh.items())[: self.max_entries])
+            out[row] = self._vectors[text]
+            self._vectors.move_to_end(text)
+        while len(self._vectors) > self.max_entries:
+            self._vectors.popitem(last=False)
         return out
 
 

@@ -28,14 +28,14 @@ from riskcascade.report_paths import shown_path
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-FIGURES = (  # (key in the model's test metrics, label, higher is better)
-    ("roc_auc", "ROC AUC", True),
-    ("average_precision", "Average precision", True),
-    ("recall_at_1pct_fpr", "Recall at 1% FPR", True),
-    ("escalation_share", "Escalated share (band)", False),
-    ("fraud_share_of_approved", "Fraud share of approved", False),
-    ("legit_share_of_blocked", "Legitimate share of blocked", False),
-    ("cost_per_event", "Band cost per event", False),
+FIGURES = (  # (key in the model's test metrics, label)
+    ("roc_auc", "ROC AUC"),
+    ("average_precision", "Average precision"),
+    ("recall_at_1pct_fpr", "Recall at 1% FPR"),
+    ("escalation_share", "Escalated share (band)"),
+    ("fraud_share_of_approved", "Fraud share of approved"),
+    ("legit_share_of_blocked", "Legitimate share of blocked"),
+    ("cost_per_event", "Band cost per event"),
 )
 
 
@@ -99,7 +99,7 @@ def compare(settings: Settings, dataset: Dataset, bootstrap_rounds: int, progres
     alone[has_text] = text.text_head.probability(represent(encoder, [t for t in test_texts if any(t)]))
     low, high = base.band
     uncertain = (base.test_scores >= low) & (base.test_scores < high)
-    figures = {name: {key: float(m.metrics[key]) for key, _, _ in FIGURES} for name, m in models.items()}
+    figures = {name: {key: float(m.metrics[key]) for key, _ in FIGURES} for name, m in models.items()}
     return {
         "data": {"dataset": dataset.spec.name, "rows": len(dataset), "test_rows": int(len(labels)),
                  "test_fraud_rate": float(labels.mean()), "seed": seed,
@@ -161,7 +161,7 @@ def format_text_lift(r: dict[str, Any]) -> str:
         "| test period | without text | with text |",
         "|---|---|---|",
     ]
-    for key, label, _ in FIGURES:
+    for key, label in FIGURES:
         lines.append(f"| {label} | {_f(r['figures']['without text'][key])} | {_f(r['figures']['with text'][key])} |")
     lines += [
         "",

@@ -143,7 +143,7 @@ def _text_fit(dataset, labels, cut):
     texts = [field_texts({"note": n, "message": m}, ("note", "message"))
              for n, m in zip(dataset.extra["note"], dataset.extra["message"])]
     return fit_text_model(texts, labels, dataset.splits[0], dataset.times, dataset.label_times, cut,
-                          ("note", "message"), shared_encoder(EMBEDDING), {"onnx_sha256": "x", "model": "m"},
+                          ("note", "message"), shared_encoder(EMBEDDING), "m@x",
                           time_blocks=4, regularization=1.0, min_class_labels=20, seed=SEED)
 
 
@@ -226,7 +226,7 @@ def test_a_text_model_needs_the_events_text_and_its_own_encoder(served, tmp_path
     with pytest.raises(ValueError, match="free text"):
         model.model_input(np.zeros((1, len(model._layout.names))))  # noqa: SLF001
     original = TextHead.load(folder)
-    replace(original, embedding={**original.embedding, "onnx_sha256": "0" * 64}).save(folder)
+    replace(original, encoder="sentence-transformers/all-MiniLM-L6-v2@" + "0" * 16).save(folder)
     try:
         with pytest.raises(ValueError, match="retrain, or export that encoder"):
             FastModel(folder, prefer_gpu=False, embedding_dir=EMBEDDING)

@@ -487,7 +487,7 @@ class RetrievalSettings(_Section):
     embedding_cache_entries: int = Field(
         50_000, ge=1,
         description="narrative texts the case memory keeps embedded (384 float32 each: ~77 MB at 50,000); past it "
-        "the cache starts afresh, so indexing stays bounded in memory",
+        "the least recently used go first, so indexing stays bounded in memory",
     )
 
     @model_validator(mode="after")

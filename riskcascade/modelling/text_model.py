@@ -28,9 +28,7 @@ most events of a busy batch cost dictionary lookups.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,11 +36,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from retrieval.embedding import EmbeddingManifest, OnnxMiniLMEmbedding
+from retrieval.embedding import OnnxMiniLMEmbedding
+from retrieval.text_vectors import EmbeddingCache, embedder_identity
 
 TEXT_FEATURE = "text_risk"
 TEXT_MODEL_FILE = "text_model.json"
-TEXT_MODEL_FORMAT = 1
+TEXT_MODEL_FORMAT = 2
 
 
 def text_description(fields: Sequence[str]) -> str:
@@ -55,10 +54,10 @@ def field_texts(text: Mapping[str, str], fields: Sequence[str]) -> tuple[str, ..
     return tuple(str(text.get(f, "") or "").strip() for f in fields)
 
 
-def represent(encoder: CachedEncoder, rows: Sequence[tuple[str, ...]]) -> np.ndarray:
+def represent(encoder: EmbeddingCache, rows: Sequence[tuple[str, ...]]) -> np.ndarray:
     """The head's input for each row of field texts: the fields' unit embeddings side by side, zeros for an empty
     field (float32 [rows, fields * dimension])."""
-    width = encoder.model.dimension
+    width = encoder.embedder.dimension
     n_fields = len(rows[0]) if rows else 0
     out = np.zeros((len(rows), n_fields * width), dtype=np.float32)
     for k in range(n_fields):
@@ -68,41 +67,15 @@ def represent(encoder: CachedEncoder, rows: Sequence[tuple[str, ...]]) -> np.nda
     return out
 
 
-def embedding_identity(embedding_dir: Path) -> dict[str, str]:
-    """The encoder a head was fitted on: its model name and the ONNX file's digest (a head is only valid on it)."""
-    manifest = EmbeddingManifest.load(embedding_dir)
-    digest = hashlib.sha256((Path(embedding_dir) / manifest.onnx_file).read_bytes()).hexdigest()
-    return {"model": manifest.model, "onnx_sha256": digest, "dimension": str(manifest.dimension)}
-
-
-class CachedEncoder:
-    """MiniLM sentence embeddings of distinct texts, remembered up to ``cache_entries`` (least recently used out)."""
-
-    def __init__(self, embedding_dir: Path, threads: int = 1, batch_size: int = 32, cache_entries: int = 20_000):
-        self.model = OnnxMiniLMEmbedding(embedding_dir, intra_op_threads=threads, embed_batch_size=batch_size)
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._entries = cache_entries
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """One unit-length float32 row per text; each distinct uncached text is encoded once."""
-        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if new:
-            for text, vector in zip(new, self.model.embed(new)):
-                self._cache[text] = vector
-        out = np.empty((len(texts), self.model.dimension), dtype=np.float32)
-        for i, text in enumerate(texts):
-            out[i] = self._cache[text]
-            self._cache.move_to_end(text)
-        while len(self._cache) > self._entries:
-            self._cache.popitem(last=False)
-        return out
-
-
 @functools.lru_cache(maxsize=4)
-def shared_encoder(embedding_dir: Path, cache_entries: int = 100_000) -> CachedEncoder:
-    """One cached encoder per artefact folder for the process's training runs (a retrain, a distillation round or a
-    test re-fitting the same data set embeds nothing twice)."""
-    return CachedEncoder(embedding_dir, cache_entries=cache_entries)
+def shared_encoder(embedding_dir: Path, threads: int = 1, batch_size: int = 32,
+                   cache_entries: int = 100_000) -> EmbeddingCache:
+    """One MiniLM session with its cache per artefact folder and settings, for the whole process: a retrain, a
+    distillation round or a test re-fitting the same data set embeds nothing twice, and the model versions a scorer
+    replica keeps (live, the one it replaced, a shadow) share one session and one cache (vectors depend on the
+    encoder alone, which every version checks it was fitted on)."""
+    return EmbeddingCache(OnnxMiniLMEmbedding(embedding_dir, intra_op_threads=threads, embed_batch_size=batch_size),
+                          cache_entries)
 
 
 @dataclass
@@ -112,7 +85,7 @@ class TextHead:
     fields: tuple[str, ...]
     weights: np.ndarray  # float64 [fields * dimension]
     bias: float
-    embedding: dict[str, str]  # embedding_identity of the encoder it was fitted on
+    encoder: str  # retrieval.text_vectors.embedder_identity of the encoder it was fitted on
     training: dict[str, Any] = field(default_factory=dict)
 
     def probability(self, embeddings: np.ndarray) -> np.ndarray:
@@ -120,7 +93,7 @@ class TextHead:
 
     def save(self, folder: Path) -> None:
         body = {"format": TEXT_MODEL_FORMAT, "feature": TEXT_FEATURE, "fields": list(self.fields),
-                "embedding": self.embedding, "bias": self.bias, "weights": self.weights.tolist(),
+                "encoder": self.encoder, "bias": self.bias, "weights": self.weights.tolist(),
                 "training": self.training}
         (Path(folder) / TEXT_MODEL_FILE).write_text(json.dumps(body, indent=1))
 
@@ -130,7 +103,7 @@ class TextHead:
         if body.get("format") != TEXT_MODEL_FORMAT:
             raise ValueError(f"{folder}/{TEXT_MODEL_FILE}: format {body.get('format')!r}, expected {TEXT_MODEL_FORMAT}")
         return cls(fields=tuple(body["fields"]), weights=np.asarray(body["weights"], dtype=np.float64),
-                   bias=float(body["bias"]), embedding=body["embedding"], training=body.get("training", {}))
+                   bias=float(body["bias"]), encoder=body["encoder"], training=body.get("training", {}))
 
 
 class TextRiskScorer:
@@ -139,13 +112,12 @@ class TextRiskScorer:
     def __init__(self, head: TextHead, embedding_dir: Path, threads: int = 1, batch_size: int = 32,
                  cache_entries: int = 20_000):
         """``cache_entries``: distinct field texts whose vectors are remembered (1.5 KB each)."""
-        found = embedding_identity(embedding_dir)
-        if found["onnx_sha256"] != head.embedding["onnx_sha256"]:
-            raise ValueError(f"the text model was fitted on {head.embedding['model']} "
-                             f"(onnx {head.embedding['onnx_sha256'][:12]}), but {embedding_dir} holds "
-                             f"{found['model']} (onnx {found['onnx_sha256'][:12]}): retrain, or export that encoder")
+        found = embedder_identity(embedding_dir)
+        if found != head.encoder:
+            raise ValueError(f"the text model was fitted on {head.encoder}, but {embedding_dir} holds {found}: "
+                             "retrain, or export that encoder")
         self.head = head
-        self.encoder = CachedEncoder(embedding_dir, threads, batch_size, cache_entries=cache_entries)
+        self.encoder = shared_encoder(Path(embedding_dir).resolve(), threads, batch_size, cache_entries)
 
     def score(self, texts: Sequence[Mapping[str, str]]) -> np.ndarray:
         """``text_risk`` per event (float64; NaN where the fields hold no text)."""
@@ -183,8 +155,8 @@ class TextFit:
 
 def fit_text_model(
     texts: list[tuple[str, ...]], labels: np.ndarray, split: np.ndarray, times: np.ndarray | None,
-    label_times: np.ndarray | None, cut: float | None, fields: Sequence[str], encoder: CachedEncoder,
-    embedding: dict[str, str], time_blocks: int, regularization: float, min_class_labels: int, seed: int,
+    label_times: np.ndarray | None, cut: float | None, fields: Sequence[str], encoder: EmbeddingCache,
+    encoder_identity: str, time_blocks: int, regularization: float, min_class_labels: int, seed: int,
 ) -> TextFit | None:
     """Fit the head and the point-in-time ``text_risk`` column (module docstring); None when the train rows hold too
     few labelled texts of either class (``min_class_labels``).
@@ -247,7 +219,7 @@ def fit_text_model(
                     "every train label")
     feature[~has_text] = np.nan
     head = TextHead(
-        fields=tuple(fields), weights=final[0], bias=final[1], embedding=embedding,
+        fields=tuple(fields), weights=final[0], bias=final[1], encoder=encoder_identity,
         training={"protocol": protocol, "fitted_on_labels": int(final_rows.sum()),
                   "fraud_labels": int(labels[final_rows].sum()), "blocks_scored": blocks_scored,
                   "regularization": regularization,

@@ -45,6 +45,7 @@ from onnxmltools.convert.common.data_types import FloatTensorType  # noqa: E402
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from retrieval.text_vectors import embedder_identity  # noqa: E402
 from riskcascade.core.calibration import PlattCalibrator  # noqa: E402
 from riskcascade.core.config import (  # noqa: E402
     ActionableFeature,
@@ -89,7 +90,6 @@ from riskcascade.modelling.text_model import (  # noqa: E402
     TEXT_MODEL_FILE,
     TextFit,
     TextHead,
-    embedding_identity,
     field_texts,
     fit_text_model,
     shared_encoder,
@@ -281,7 +281,7 @@ def _fit_text(dataset: Dataset, split: np.ndarray, config: TrainingSettings, see
     return fit_text_model(
         texts, dataset.labels, split, dataset.times if ordered else None,
         dataset.label_times if ordered else None, cut, settings.fields, shared_encoder(embedding_dir.resolve()),
-        embedding_identity(embedding_dir), settings.time_blocks, settings.regularization, settings.min_class_labels,
+        embedder_identity(embedding_dir), settings.time_blocks, settings.regularization, settings.min_class_labels,
         seed,
     )
 
@@ -603,7 +603,7 @@ def write_model(model: TrainedModel, model_dir: Path, data: dict[str, Any],
         anomaly={"file": ANOMALY_FILE, "feature": ANOMALY_FEATURE, "sklearn_parity_max_abs_diff": model.anomaly_parity}
         if model.anomaly_onnx else None,
         text_model={"file": TEXT_MODEL_FILE, "feature": TEXT_FEATURE, "fields": list(model.text_head.fields),
-                    "embedding": model.text_head.embedding, **model.text_head.training}
+                    "encoder": model.text_head.encoder, **model.text_head.training}
         if model.text_head is not None else None,
         feature_scaling=model.input_scaling,
         metrics=model.metrics,
